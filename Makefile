@@ -1,0 +1,55 @@
+# IDGBR for QGIS — every set-up step lives here, so a fresh Debian 12 machine needs only
+# `make demo` and `make test`.
+SHELL := /bin/bash
+PY_SYS := /usr/bin/python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+export QT_QPA_PLATFORM ?= offscreen
+# Debian's qgis_process wrapper adds --noversioncheck, which QGIS 3.22 rejects: call the binary.
+QGIS_PROCESS := $(shell command -v qgis_process.bin 2>/dev/null || echo /usr/bin/qgis_process.bin)
+
+.PHONY: install demo test test-backend test-plugin lint bench package qgis-process train train-gpu \
+        screenshot evaluate clean
+
+install: $(STAMP)
+
+$(STAMP): backend/pyproject.toml Makefile
+	@if ! $(PY_SYS) -c "import qgis.core" 2>/dev/null || ! command -v xvfb-run >/dev/null \
+	    || ! $(PY_SYS) -c "import ensurepip" 2>/dev/null; then \
+	  echo ">> installing QGIS, PyQGIS, Xvfb and venv support from Debian"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    qgis python3-qgis qgis-providers python3-venv xvfb xauth; \
+	fi
+	# --system-site-packages: PyQGIS is a Debian package of the system Python, not on PyPI.
+	test -x $(PY) || $(PY_SYS) -m venv --system-site-packages $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=23"
+	$(PY) -m pip install -q -e "backend[test]"
+	touch $(STAMP)
+
+demo: install
+	$(PY) -m idgbr.demo --out out
+
+test: install
+	$(PY) -m pytest -q tests
+
+test-backend: install
+	$(PY) -m pytest -q tests/backend
+
+test-plugin: install
+	$(PY) -m pytest -q tests/plugin
+
+lint: install
+	$(VENV)/bin/ruff check backend idgbr_qgis tests tools
+
+bench: install
+	$(VENV)/bin/idgbr bench --report docs/BENCHMARKS.md
+
+package: install
+	$(PY) tools/package_plugin.py --out dist
+
+# Runs QGIS's qgis_process with this plugin loaded, e.g.
+#   make qgis-process ARGS="run idgbr:refine -- INPUT=a.tif OUTPUT=b.tif"
+qgis-process: install
+	QGIS_PLUGINPATH=$(CURDIR) IDGBR_PYTHON=$(CURDIR)/$(PY) $(QGIS_PROCESS) --skip-loading-plugins $(ARGS) \
+	  || true
