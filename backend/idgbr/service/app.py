@@ -1,0 +1,528 @@
+"""The local HTTP service (`idgbr serve`): FastAPI routes, request validation and the uvicorn runner."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import ipaddress
+import json
+import os
+import socket
+import sys
+import threading
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional
+
+from fastapi import FastAPI, HTTPException, Request
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+import idgbr
+from idgbr.errors import IdgbrError
+from idgbr.service.auth import bearer_matches, load_or_create_token, write_token_file
+from idgbr.service.jobs import JobNotFound, JobQueue, JobState, QueueFull, Runner
+from idgbr.service.models import BundleCache, ModelCatalog, device_info
+
+READY_PREFIX = "IDGBR READY port="
+MAX_BODY_BYTES = 64 * 1024
+MAX_PATH_CHARS = 4096
+RASTER_SUFFIXES = (".tif", ".tiff")
+# Exit codes of `idgbr serve`, so a launcher can tell the failures apart without parsing text.
+EXIT_BAD_ARGS = 2
+EXIT_MISSING_DEPENDENCY = 3
+EXIT_PORT_TAKEN = 4
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Request and response bodies
+# --------------------------------------------------------------------------------------------------------------
+def _check_path_text(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError("must be valid Unicode text (it holds an unpaired surrogate)") from exc
+    if not Path(value).is_absolute():
+        raise ValueError("must be an absolute path (the service does not share the caller's working folder)")
+    return value
+
+
+PathText = Annotated[str, Field(min_length=1, max_length=MAX_PATH_CHARS)]
+Coordinate = Annotated[float, Field(ge=-1e12, le=1e12, allow_inf_nan=False)]
+
+
+class JobRequest(BaseModel):
+    """A segmentation or refinement job: the fields of idgbr.pipeline.RunOptions as JSON."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: PathText = Field(description="absolute path of the input raster (GeoTIFF)")
+    output: PathText = Field(description="absolute path of the output GeoTIFF (.tif); written atomically")
+    mode: Literal["refine", "segment"] = "refine"
+    coarse: Optional[PathText] = Field(None, description="class-id raster to refine instead of the model's own")
+    model: Optional[str] = Field(None, min_length=1, max_length=MAX_PATH_CHARS,
+                                 description="bundled model name (see /models) or absolute .safetensors path")
+    steps: Optional[int] = Field(None, ge=1, le=100)
+    device: Literal["auto", "cpu", "cuda", "mps"] = "auto"
+    bands: Optional[List[Annotated[int, Field(ge=1, le=65535)]]] = Field(None, min_length=1, max_length=64)
+    extent: Optional[List[Coordinate]] = Field(None, min_length=4, max_length=4,
+                                               description="xmin, ymin, xmax, ymax in extent_crs")
+    extent_crs: Optional[str] = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
+    tile: Optional[int] = Field(None, ge=16, le=4096)
+    overlap: Optional[int] = Field(None, ge=0, le=2048)
+    guard_band: Optional[int] = Field(None, ge=0, le=1024)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @field_validator("input", "output", "coarse")
+    @classmethod
+    def _paths(cls, value: Optional[str]) -> Optional[str]:
+        return None if value is None else _check_path_text(value)
+
+    @field_validator("model", "extent_crs")
+    @classmethod
+    def _text(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None and ("\x00" in value or not value.isprintable()):
+            raise ValueError("must be printable text")
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobRequest:
+        if self.extent is not None:
+            xmin, ymin, xmax, ymax = self.extent
+            if not (xmin < xmax and ymin < ymax):
+                raise ValueError("extent must be [xmin, ymin, xmax, ymax] with xmin < xmax and ymin < ymax")
+        if self.extent_crs is not None and self.extent is None:
+            raise ValueError("extent_crs only applies to an extent: give extent too, or leave extent_crs out")
+        if self.coarse is not None and self.mode != "refine":
+            raise ValueError("coarse is only used in refine mode: set mode to 'refine' or leave coarse out")
+        if self.tile is not None and self.overlap is not None and self.overlap * 2 > self.tile:
+            raise ValueError("overlap must be at most half of tile")
+        return self
+
+
+class JobCreated(BaseModel):
+    id: str
+    state: str
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return AsciiJSONResponse({"detail": message}, status_code=status)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with non-ASCII escaped: echoed paths may hold unpaired surrogates that UTF-8 cannot encode."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":")).encode("ascii")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Authentication (outermost, so it also covers /openapi.json and unknown paths)
+# --------------------------------------------------------------------------------------------------------------
+class BearerAuth:
+    """Pure ASGI middleware: every HTTP request needs `Authorization: Bearer <token>`, else 401."""
+
+    def __init__(self, app: ASGIApp, token: str) -> None:
+        self.app = app
+        self.token = token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        values = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
+        if len(values) == 1 and bearer_matches(values[0], self.token):
+            await self.app(scope, receive, send)
+            return
+        response = AsciiJSONResponse(
+            {"detail": "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
+                       "from the service's token file"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+        await response(scope, receive, send)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The application
+# --------------------------------------------------------------------------------------------------------------
+def _pipeline_runner(cache: BundleCache) -> Runner:
+    def run(fields: Dict[str, Any], progress: Callable[[float, str], None], cancel: threading.Event) -> Any:
+        # Imported on first use: the pipeline pulls in torch and rasterio, which start-up must not wait for.
+        from idgbr import model_bundle, pipeline
+
+        if getattr(pipeline, "load_bundle", None) is model_bundle.load_bundle:
+            # pipeline.run loads its bundle on every call; keep bundles warm between jobs instead.
+            pipeline.load_bundle = cache.load
+        return pipeline.run(pipeline.RunOptions(**fields), progress, cancel)
+
+    return run
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except (OSError, RuntimeError):
+        return False
+
+
+def create_app(token: str, *, runner: Optional[Runner] = None,
+               request_exit: Optional[Callable[[], None]] = None) -> FastAPI:
+    """The service's ASGI app. RUNNER defaults to idgbr.pipeline.run; REQUEST_EXIT stops the server."""
+    catalog = ModelCatalog()
+    cache = BundleCache()
+    started_at = time.time()
+    jobs = JobQueue(runner or _pipeline_runner(cache))
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        jobs.start()
+        try:
+            yield
+        finally:
+            # Cancelled jobs remove their temporary files; give the running one time to do so.
+            if not jobs.stop(timeout=10.0):
+                print("idgbr serve: the running job did not stop within 10 s; exiting anyway", file=sys.stderr)
+
+    app = FastAPI(
+        title="IDGBR backend service",
+        version=idgbr.__version__,
+        description="Local service that segments rasters and refines class boundaries. Every request needs "
+                    "`Authorization: Bearer <token>`.",
+        docs_url=None,  # the interactive pages load scripts from a CDN; the JSON description is enough
+        redoc_url=None,
+        lifespan=lifespan,
+        default_response_class=AsciiJSONResponse,
+        max_body_size=MAX_BODY_BYTES,
+    )
+    app.add_middleware(BearerAuth, token=token)
+    app.state.jobs = jobs
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Echo location and message, not the input: it may be large or unencodable.
+        errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
+                   "type": str(e.get("type", ""))} for e in exc.errors()]
+        summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:10])
+        return AsciiJSONResponse({"detail": errors, "message": f"invalid request: {summary}"}, status_code=422)
+
+    @app.exception_handler(RecursionError)
+    async def _too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
+        return _error(400, "request body is nested too deeply: send a flat JSON object")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+
+    def openapi() -> Dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                                 routes=app.routes)
+            schema.setdefault("components", {})["securitySchemes"] = {
+                "bearer": {"type": "http", "scheme": "bearer"}}
+            schema["security"] = [{"bearer": []}]
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+    @app.get("/health", summary="version, compute device and loaded models")
+    def health() -> Dict[str, Any]:
+        try:
+            device = device_info()
+        except ImportError as exc:
+            device = {"torch": None, "device": "cpu", "device_name": None,
+                      "device_reason": f"torch cannot be imported ({exc}): run `make install`"}
+        return {
+            "service": "idgbr",
+            "version": idgbr.__version__,
+            "pid": os.getpid(),
+            "python": sys.executable,
+            "uptime_s": round(time.time() - started_at, 1),
+            **device,
+            "models_loaded": cache.listing(),
+            "jobs": jobs.counts(),
+        }
+
+    @app.get("/models", summary="cards of the bundled models")
+    def models() -> Dict[str, Any]:
+        return {"models": catalog.listing()}
+
+    @app.post("/jobs", status_code=201, response_model=JobCreated, summary="queue a job",
+              responses={400: {"description": "a path or model that cannot be used"},
+                         409: {"description": "another unfinished job writes the same output"},
+                         429: {"description": "too many jobs waiting"}})
+    def submit(request: JobRequest) -> Any:
+        fields = _check_job(request, catalog)
+        if any(_same_file(Path(request.output), Path(other)) for other in jobs.active_outputs()):
+            return _error(409, f"another unfinished job already writes {request.output}: wait for it, cancel it, "
+                               "or choose another output path")
+        try:
+            job = jobs.submit(fields, request.output)
+        except QueueFull as exc:
+            return _error(429, str(exc))
+        return {"id": job.id, "state": job.state.value}
+
+    @app.get("/jobs", summary="all jobs this service remembers")
+    def list_jobs() -> Dict[str, Any]:
+        return {"jobs": jobs.list()}
+
+    @app.get("/jobs/{job_id}", summary="state, progress 0-100, message and output of a job",
+             responses={404: {"description": "unknown job"}})
+    def job_status(job_id: Annotated[str, PathParam(max_length=64)]) -> Any:
+        try:
+            return jobs.get(job_id)
+        except JobNotFound as exc:
+            return _error(404, str(exc))
+
+    @app.delete("/jobs/{job_id}", summary="cancel a job (no output is left)",
+                responses={404: {"description": "unknown job"}, 409: {"description": "job already finished"}})
+    def cancel_job(job_id: Annotated[str, PathParam(max_length=64)]) -> Any:
+        try:
+            before = jobs.get(job_id)
+            if before["state"] in (JobState.SUCCEEDED.value, JobState.FAILED.value):
+                return _error(409, f"job {job_id} already {before['state']}: there is nothing to cancel")
+            return jobs.cancel(job_id)
+        except JobNotFound as exc:
+            return _error(404, str(exc))
+
+    @app.post("/shutdown", status_code=202, summary="cancel all jobs and stop the service")
+    def shutdown() -> Dict[str, Any]:
+        if request_exit is None:
+            return {"stopping": False, "detail": "this service was not started by `idgbr serve`"}
+        request_exit()
+        return {"stopping": True}
+
+    return app
+
+
+def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
+    """Checks that need the file system, as RunOptions fields; HTTPException(400) names the problem."""
+
+    def fail(message: str) -> HTTPException:
+        return HTTPException(status_code=400, detail=message)
+
+    def existing_file(label: str, text: str) -> Path:
+        path = Path(text)
+        try:
+            if path.is_file():
+                return path
+            if path.is_dir():
+                raise fail(f"{label} {text} is a folder: give the path of a raster file")
+        except (OSError, ValueError) as exc:
+            raise fail(f"{label} path {text!r} cannot be used ({exc}): check the path") from exc
+        raise fail(f"{label} raster {text} does not exist: check the path")
+
+    source = existing_file("input", request.input)
+    coarse = existing_file("coarse", request.coarse) if request.coarse is not None else None
+    try:
+        model = catalog.resolve(request.model)
+    except IdgbrError as exc:
+        raise fail(str(exc)) from exc
+    except OSError as exc:
+        raise fail(f"model {request.model!r} cannot be used ({exc}): check the name or path") from exc
+
+    output = Path(request.output)
+    if output.suffix.lower() not in RASTER_SUFFIXES:
+        raise fail(f"output {request.output} must be a GeoTIFF ending in .tif or .tiff: change its name")
+    try:
+        if output.is_dir():
+            raise fail(f"output {request.output} is a folder: give a file name ending in .tif")
+        if not output.parent.is_dir():
+            raise fail(f"the folder of output {request.output} does not exist: create it first")
+    except (OSError, ValueError) as exc:
+        raise fail(f"output path {request.output!r} cannot be used ({exc}): check the path") from exc
+    for label, other in (("input", source), ("coarse", coarse)):
+        if other is not None and _same_file(output, other):
+            raise fail(f"output {request.output} is the {label} raster: choose another output path")
+
+    return {
+        "input": source,
+        "output": output,
+        "mode": request.mode,
+        "coarse": coarse,
+        "model": model,
+        "steps": request.steps,
+        "device": request.device,
+        "bands": list(request.bands) if request.bands is not None else None,
+        "extent": tuple(request.extent) if request.extent is not None else None,
+        "extent_crs": request.extent_crs,
+        "tile": request.tile,
+        "overlap": request.overlap,
+        "guard_band": request.guard_band,
+        "seed": request.seed,
+    }
+
+
+# --------------------------------------------------------------------------------------------------------------
+# `idgbr serve`
+# --------------------------------------------------------------------------------------------------------------
+class ServeError(IdgbrError):
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def default_state_dir() -> Path:
+    """Where the service and its client keep the token and state: $IDGBR_STATE_DIR or ~/.idgbr."""
+    env = os.environ.get("IDGBR_STATE_DIR")
+    return Path(env) if env else Path.home() / ".idgbr"
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name could resolve to anything
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on HOST:PORT (PORT 0: a free one); ServeError when the port is taken."""
+    if not 0 <= port <= 65535:
+        raise ServeError(f"--port {port} is out of range: use 0 (any free port) to 65535", EXIT_BAD_ARGS)
+    bind_host = "127.0.0.1" if host == "localhost" else host
+    try:
+        infos = socket.getaddrinfo(bind_host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot resolve --host {host!r} ({exc}): give an IP address", EXIT_BAD_ARGS) from exc
+    family, socktype, proto, _name, address = infos[0]
+    sock = socket.socket(family, socktype, proto)
+    try:
+        if os.name == "nt":
+            # Without it another program could bind the same port on Windows and steal connections.
+            sock.setsockopt(socket.SOL_SOCKET, getattr(socket, "SO_EXCLUSIVEADDRUSE", -5), 1)
+        else:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # allow restart on a TIME_WAIT port
+        sock.bind(address)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in (errno.EADDRINUSE, errno.EACCES, 10048, 10013):
+            raise ServeError(
+                f"port {port} on {host} is taken by another program: choose another --port, or --port 0 "
+                "to let the service pick a free one", EXIT_PORT_TAKEN) from exc
+        raise ServeError(f"cannot listen on {host}:{port} ({exc}): check --host and --port", EXIT_BAD_ARGS) from exc
+    sock.set_inheritable(False)
+    return sock
+
+
+def _check_dependencies() -> None:
+    try:
+        device_info()  # imports torch; also makes the first /health fast
+    except ImportError as exc:
+        raise ServeError(
+            f"torch cannot be imported in {sys.executable} ({exc}): run `make install`, or set up the "
+            "backend from the plugin's settings", EXIT_MISSING_DEPENDENCY) from exc
+
+
+def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = None,
+          allow_remote: bool = False) -> int:
+    """Run the service until /shutdown or a signal; prints the ready line once it listens. Returns 0."""
+    import uvicorn
+
+    if not _is_loopback(host) and not allow_remote:
+        raise ServeError(
+            f"refusing to listen on {host}: it is not a loopback address, so other machines could reach the "
+            "service; use --host 127.0.0.1, or add --allow-remote if you really want that", EXIT_BAD_ARGS)
+    if token_file is None:
+        token_file = default_state_dir() / "token"
+        token = load_or_create_token(None)
+        write_token_file(token_file, token)
+    else:
+        token = load_or_create_token(token_file)
+    sock = bind_socket(host, port)  # before the slow torch import, so a taken port fails at once
+    try:
+        _check_dependencies()
+    except BaseException:
+        sock.close()
+        raise
+    actual_port = sock.getsockname()[1]
+
+    holder: Dict[str, Any] = {}
+
+    def request_exit() -> None:
+        holder["server"].should_exit = True
+
+    app = create_app(token, request_exit=request_exit)
+
+    class ReadyServer(uvicorn.Server):
+        async def startup(self, sockets: Optional[List[socket.socket]] = None) -> None:
+            await super().startup(sockets)
+            if self.started and not self.should_exit:
+                _announce_ready(actual_port)
+                print(f"idgbr serve: listening on {host}:{actual_port}, token in {token_file}", file=sys.stderr,
+                      flush=True)
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="on",
+                            timeout_graceful_shutdown=15, server_header=False)
+    server = ReadyServer(config)
+    holder["server"] = server
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    return 0
+
+
+def _announce_ready(port: int) -> None:
+    sys.stdout.write(f"{READY_PREFIX}{port}\n")
+    sys.stdout.flush()
+    # The launcher may stop reading stdout after this line: send anything printed later (by any library) to
+    # stderr, so a full pipe can never block the service.
+    try:
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        sys.stdout = sys.stderr
+    except Exception:  # io.UnsupportedOperation under test harnesses without real file descriptors
+        sys.stdout = sys.stderr
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        return serve(args.host, args.port, args.token_file, args.allow_remote)
+    except ServeError as exc:
+        print(f"IDGBR ERROR: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except IdgbrError as exc:
+        print(f"IDGBR ERROR: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_ARGS
+
+
+def register_cli(subparsers: Any) -> None:
+    """Add `idgbr serve` to the command line."""
+    parser = subparsers.add_parser(
+        "serve",
+        help="run the local backend service the QGIS plugin talks to",
+        description="Run the local HTTP service. Prints 'IDGBR READY port=<port>' on stdout once it listens. "
+                    "Every request needs 'Authorization: Bearer <token>' with the token from --token-file.",
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=0, help="port to listen on; 0 picks a free one (default)")
+    parser.add_argument("--token-file", type=Path, default=None,
+                        help="file holding the bearer token; created with a random token (mode 0600) if missing "
+                             "(default: a new token written to $IDGBR_STATE_DIR/token or ~/.idgbr/token)")
+    parser.add_argument("--allow-remote", action="store_true",
+                        help="allow a non-loopback --host (anyone who can reach it and has the token can use it)")
+    parser.set_defaults(func=_cmd_serve)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="idgbr")
+    register_cli(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    # Development entry point; users run `idgbr serve` or `python -m idgbr serve`.
+    sys.exit(main(sys.argv[1:] if len(sys.argv) > 1 else ["serve"]))

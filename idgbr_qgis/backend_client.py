@@ -1,0 +1,565 @@
+"""Client of the local IDGBR backend service (`idgbr serve`).
+
+Standard library only: it runs inside QGIS's Python, which has neither torch nor the backend. It starts the
+service with a configured Python interpreter (or reuses one recorded in the state folder), then submits,
+polls, cancels jobs and shuts the service down over HTTP on the loopback address.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import os
+import queue
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+
+READY_PREFIX = "IDGBR READY port="
+STATE_FILE = "service.json"
+TOKEN_FILE = "service.token"
+LOG_FILE = "service.log"
+LOCK_FILE = "start.lock"
+HOST = "127.0.0.1"
+SERVE_MODULE = "idgbr"  # spawned as `python -m idgbr serve ...`
+# Exit codes of `idgbr serve` (see idgbr.service.app).
+EXIT_MISSING_DEPENDENCY = 3
+EXIT_PORT_TAKEN = 4
+# Variables QGIS sets for its own Python and GDAL; the backend has its own, and these would break it
+# (e.g. OSGeo4W's PYTHONHOME, or a PROJ_LIB pointing at an older proj.db than rasterio's).
+_FOREIGN_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "GDAL_DATA", "GDAL_DRIVER_PATH",
+                "PROJ_LIB", "PROJ_DATA")
+_SETUP_HINT = "set up the backend from the plugin's settings, or run `make install` in an IDGBR checkout"
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class BackendError(Exception):
+    """Something the user must act on; the message says what happened and what to do."""
+
+    def __init__(self, message: str, status: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.status = status  # HTTP status when the service answered with an error
+
+
+class ServiceGone(BackendError):
+    """The service stopped or does not answer any more."""
+
+
+class JobFailed(BackendError):
+    """The job ended with an error; the message is the job's own."""
+
+
+class JobCancelled(BackendError):
+    """The job was cancelled; it left no output."""
+
+
+def default_state_dir() -> Path:
+    """Where the service's state, token and log live: $IDGBR_STATE_DIR, else ~/.idgbr."""
+    env = os.environ.get("IDGBR_STATE_DIR")
+    return Path(env) if env else Path.home() / ".idgbr"
+
+
+class BackendClient:
+    """One running service. Build it with `start_or_connect`; every method may raise BackendError."""
+
+    def __init__(self, port: int, token: str, *, process: Optional[subprocess.Popen] = None,
+                 log_path: Optional[Path] = None, log_offset: int = 0, state_dir: Optional[Path] = None,
+                 python: Optional[str] = None, request_timeout: float = 15.0) -> None:
+        self.port = int(port)
+        self.base_url = f"http://{HOST}:{self.port}"
+        self.process = process  # set when this client started the service
+        self.log_path = log_path
+        self.python = python
+        self.state_dir = state_dir
+        self.request_timeout = request_timeout
+        self.recorded_pid: Optional[int] = None  # pid from the state file when connected, not started
+        self._token = token
+        self._log_offset = log_offset
+        # No proxies: a system proxy would otherwise receive requests meant for 127.0.0.1.
+        self._opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+    def __repr__(self) -> str:
+        return f"BackendClient({self.base_url}, pid={self.pid})"
+
+    @property
+    def pid(self) -> Optional[int]:
+        return self.process.pid if self.process is not None else self.recorded_pid
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Start or connect
+    # ----------------------------------------------------------------------------------------------------------
+    @classmethod
+    def start_or_connect(cls, python: PathLike, state_dir: Optional[PathLike] = None, timeout: float = 60.0, *,
+                         port: int = 0, env: Optional[Mapping[str, str]] = None) -> BackendClient:
+        """Reuse the service recorded in STATE_DIR if it answers, else start `PYTHON -m idgbr serve`.
+
+        PORT 0 lets the service pick a free port. ENV adds variables for a newly started service.
+        """
+        state = Path(state_dir) if state_dir is not None else default_state_dir()
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BackendError(f"cannot create the IDGBR state folder {state} ({exc}): set IDGBR_STATE_DIR to a "
+                               "writable folder") from exc
+        interpreter = _check_interpreter(python)
+        with _StartLock(state / LOCK_FILE, timeout + 30.0):
+            existing = cls._from_state(state)
+            if existing is not None:
+                if _same_path(existing.python, interpreter):
+                    return existing
+                # The user picked another interpreter: replace the old service rather than keep using it.
+                with contextlib.suppress(BackendError):
+                    existing.shutdown()
+            return cls._spawn(interpreter, state, timeout, port, env)
+
+    @classmethod
+    def _from_state(cls, state: Path) -> Optional[BackendClient]:
+        """A client for the recorded service if it is alive and accepts our token, else None."""
+        try:
+            record = json.loads((state / STATE_FILE).read_text(encoding="utf-8"))
+            token = Path(record["token_file"]).read_text(encoding="utf-8").strip()
+            client = cls(int(record["port"]), token, log_path=Path(record["log"]) if record.get("log") else None,
+                         log_offset=int(record.get("log_offset", 0)), state_dir=state, python=record.get("python"),
+                         request_timeout=5.0)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        try:
+            health = client.health()
+        except BackendError:
+            return None  # dead, or another program now holds the port, or the token changed
+        if health.get("service") != "idgbr":
+            return None
+        client.request_timeout = 15.0
+        client.recorded_pid = record.get("pid") if isinstance(record.get("pid"), int) else None
+        return client
+
+    @classmethod
+    def _spawn(cls, python: str, state: Path, timeout: float, port: int,
+               extra_env: Optional[Mapping[str, str]]) -> BackendClient:
+        token_file = state / TOKEN_FILE
+        log_path = state / LOG_FILE
+        _rotate(log_path)
+        try:
+            log = open(log_path, "ab")  # noqa: SIM115 - the child keeps writing to it after we return
+        except OSError as exc:
+            raise BackendError(f"cannot write the service log {log_path} ({exc}): set IDGBR_STATE_DIR to a "
+                               "writable folder") from exc
+        log_offset = log.tell()
+        command = [python, "-m", SERVE_MODULE, "serve", "--host", HOST, "--port", str(int(port)),
+                   "--token-file", str(token_file)]
+        env = {k: v for k, v in os.environ.items() if k.upper() not in _FOREIGN_ENV}
+        env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", "IDGBR_STATE_DIR": str(state)})
+        env.update(extra_env or {})
+        options: Dict[str, Any] = {}
+        if os.name == "nt":
+            options["creationflags"] = getattr(subprocess, "CREATE_NO_WINDOW", 0x08000000)
+        else:
+            # Own session: a Ctrl+C or hang-up aimed at QGIS must not kill jobs that outlive it.
+            options["start_new_session"] = True
+        try:
+            process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=log,
+                                       cwd=str(state), env=env, **options)
+        except OSError as exc:
+            log.close()
+            raise BackendError(f"cannot run the Python interpreter {python} ({exc}): choose another interpreter "
+                               f"in the plugin's settings, or {_SETUP_HINT}") from exc
+        finally:
+            if not log.closed:
+                log.close()  # the child has its own handle
+        client = cls(0, "", process=process, log_path=log_path, log_offset=log_offset, state_dir=state,
+                     python=python)
+        client.port = client._read_ready_port(timeout)
+        client.base_url = f"http://{HOST}:{client.port}"
+        try:
+            client._token = token_file.read_text(encoding="utf-8").strip()
+            client.health()
+        except (OSError, BackendError) as exc:
+            client._kill()
+            raise BackendError(f"the backend service started but does not answer ({exc}). "
+                               f"{client._log_excerpt()}") from exc
+        _write_json_atomic(state / STATE_FILE, {
+            "port": client.port, "pid": process.pid, "host": HOST, "token_file": str(token_file),
+            "python": python, "log": str(log_path), "log_offset": log_offset, "started": time.time(),
+        })
+        return client
+
+    def _read_ready_port(self, timeout: float) -> int:
+        """Wait for the ready line on the child's stdout (a reader thread: select() does not work on Windows)."""
+        assert self.process is not None and self.process.stdout is not None
+        lines: queue.Queue[Optional[bytes]] = queue.Queue()
+        stdout = self.process.stdout
+
+        def read() -> None:
+            try:
+                for raw in iter(stdout.readline, b""):
+                    lines.put(raw)
+            except (OSError, ValueError):
+                pass
+            finally:
+                lines.put(None)
+
+        threading.Thread(target=read, name="idgbr-ready-reader", daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self._kill()
+                raise BackendError(f"the backend service did not become ready within {timeout:.0f} s: the computer "
+                                   f"may be busy; try again. {self._log_excerpt()}")
+            try:
+                raw = lines.get(timeout=min(0.2, remaining))
+            except queue.Empty:
+                continue
+            if raw is None:  # stdout closed before the ready line: the service ended
+                try:
+                    self.process.wait(timeout=5.0)
+                except subprocess.TimeoutExpired:
+                    self._kill()
+                raise self._startup_failure()
+            line = raw.decode("utf-8", "replace").strip()
+            if line.startswith(READY_PREFIX):
+                try:
+                    return int(line[len(READY_PREFIX):])
+                except ValueError:
+                    self._kill()
+                    raise BackendError(f"the backend service printed a malformed ready line {line!r}: update the "
+                                       f"backend ({_SETUP_HINT})") from None
+
+    def _startup_failure(self) -> BackendError:
+        """Explain why the service ended before it was ready, from its exit code and log."""
+        code = self.process.returncode if self.process is not None else None
+        tail = self._log_tail()
+        text = "\n".join(tail)
+        errors = [line[len("IDGBR ERROR:"):].strip() for line in tail if line.startswith("IDGBR ERROR:")]
+        missing = _missing_module(text)
+        if code == EXIT_PORT_TAKEN or (errors and "is taken" in errors[-1]):
+            return BackendError(errors[-1] if errors else "the service's port is taken: pick another port")
+        if missing == "idgbr" or "'idgbr' is a package and cannot be directly executed" in text:
+            return BackendError(f"the Python interpreter {self.python} has no IDGBR backend installed "
+                                f"(`{self.python} -m idgbr` fails): {_SETUP_HINT}")
+        if missing is not None:
+            return BackendError(f"the Python interpreter {self.python} cannot import '{missing}', which the "
+                                f"backend needs: {_SETUP_HINT}")
+        if errors:
+            return BackendError(errors[-1])
+        return BackendError(f"the backend service stopped while starting ({_describe_exit(code)}). "
+                            f"{self._log_excerpt()}")
+
+    # ----------------------------------------------------------------------------------------------------------
+    # HTTP
+    # ----------------------------------------------------------------------------------------------------------
+    def _request(self, method: str, path: str, body: Optional[Dict[str, Any]] = None,
+                 timeout: Optional[float] = None) -> Any:
+        data = json.dumps(body).encode("utf-8") if body is not None else None
+        request = urllib.request.Request(self.base_url + path, data=data, method=method, headers={
+            "Authorization": f"Bearer {self._token}", "Accept": "application/json",
+            **({"Content-Type": "application/json"} if data is not None else {}),
+        })
+        try:
+            with self._opener.open(request, timeout=timeout or self.request_timeout) as response:
+                raw = response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._http_error(method, path, exc) from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            raise self._gone(exc) from None
+        try:
+            return json.loads(raw.decode("utf-8")) if raw else None
+        except ValueError as exc:
+            raise BackendError(f"the backend service sent an unreadable answer to {method} {path} ({exc}): "
+                               f"update the backend ({_SETUP_HINT})") from None
+
+    def _http_error(self, method: str, path: str, exc: urllib.error.HTTPError) -> BackendError:
+        try:
+            payload = json.loads(exc.read().decode("utf-8"))
+        except (ValueError, OSError):
+            payload = None
+        detail: Any = None
+        if isinstance(payload, dict):
+            detail = payload.get("message") or payload.get("detail")
+        if isinstance(detail, list):
+            detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
+        detail = detail or exc.reason or "no details"
+        if exc.code == 401:
+            return BackendError("the backend service rejected this client's token (was it restarted with "
+                                "another token?): start or connect again", status=401)
+        return BackendError(f"{method} {path} failed with HTTP {exc.code}: {detail}", status=exc.code)
+
+    def _gone(self, exc: BaseException) -> ServiceGone:
+        if self.process is not None and self.process.poll() is not None:
+            what = f"the backend service stopped ({_describe_exit(self.process.returncode)})"
+        else:
+            what = f"the backend service at {self.base_url} does not answer ({_reason(exc)})"
+        return ServiceGone(f"{what}. The next run starts a fresh service. {self._log_excerpt()}".strip())
+
+    # ----------------------------------------------------------------------------------------------------------
+    # API
+    # ----------------------------------------------------------------------------------------------------------
+    def health(self) -> Dict[str, Any]:
+        """Version, device (cuda name, or cpu and why), torch version, loaded models, job counts."""
+        return self._request("GET", "/health")
+
+    def models(self) -> List[Dict[str, Any]]:
+        """Bundled models: [{name, path, available, card, error}]."""
+        return self._request("GET", "/models")["models"]
+
+    def submit(self, **fields: Any) -> str:
+        """Queue a job (fields of idgbr.pipeline.RunOptions; paths absolute; None = the default) and return its id."""
+        body = {key: _jsonable(value) for key, value in fields.items() if value is not None}
+        return str(self._request("POST", "/jobs", body)["id"])
+
+    def status(self, job_id: str) -> Dict[str, Any]:
+        """{id, state, progress 0-100, message, output, ...}; state: queued, running, succeeded, failed, cancelled."""
+        return self._request("GET", f"/jobs/{_quote(job_id)}")
+
+    def jobs(self) -> List[Dict[str, Any]]:
+        return self._request("GET", "/jobs")["jobs"]
+
+    def cancel(self, job_id: str) -> Dict[str, Any]:
+        """Ask the job to stop (it ends as 'cancelled' with no output); a finished job is left as it is."""
+        try:
+            return self._request("DELETE", f"/jobs/{_quote(job_id)}")
+        except BackendError as exc:
+            if exc.status == 409:  # finished meanwhile: nothing to cancel
+                return self.status(job_id)
+            raise
+
+    def wait(self, job_id: str, on_progress: Optional[Callable[[float, str], None]] = None,
+             is_cancelled: Optional[Callable[[], bool]] = None, poll: float = 0.25) -> Dict[str, Any]:
+        """Poll until the job ends; returns its final status when it succeeded.
+
+        Raises JobFailed (the job's message), JobCancelled (after is_cancelled() turned true, or a cancel from
+        elsewhere) or ServiceGone (the service died; the message holds the end of its log).
+        """
+        cancel_sent = False
+        last_seen: Any = None
+        unreachable_since: Optional[float] = None
+        while True:
+            if is_cancelled is not None and not cancel_sent and is_cancelled():
+                self.cancel(job_id)
+                cancel_sent = True
+            try:
+                status = self.status(job_id)
+                unreachable_since = None
+            except ServiceGone:
+                # One missed poll can be a hiccup; a dead child process or 3 s of silence is not.
+                now = time.monotonic()
+                unreachable_since = unreachable_since or now
+                if (self.process is not None and self.process.poll() is not None) or now - unreachable_since > 3.0:
+                    raise
+                time.sleep(poll)
+                continue
+            except BackendError as exc:
+                if exc.status == 404:
+                    raise ServiceGone(f"the backend service no longer knows job {job_id} (it was restarted): "
+                                      "run the job again") from None
+                raise
+            seen = (status.get("progress"), status.get("message"))
+            if on_progress is not None and seen != last_seen:
+                on_progress(float(status.get("progress") or 0.0), str(status.get("message") or ""))
+            last_seen = seen
+            state = status.get("state")
+            if state == "succeeded":
+                return status
+            if state == "failed":
+                raise JobFailed(str(status.get("message") or "the job failed without a message"))
+            if state == "cancelled":
+                raise JobCancelled(str(status.get("message") or "the job was cancelled"))
+            time.sleep(poll)
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Stop the service (running jobs are cancelled) and forget it in the state file."""
+        with contextlib.suppress(ServiceGone):
+            self._request("POST", "/shutdown")
+        if self.process is not None:
+            try:
+                self.process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self._kill()
+        else:
+            # Not our child: wait until it stops answering.
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline and _port_open(self.port):
+                time.sleep(0.1)
+        self._forget()
+
+    # ----------------------------------------------------------------------------------------------------------
+    # Helpers
+    # ----------------------------------------------------------------------------------------------------------
+    def _kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=10.0)
+
+    def _forget(self) -> None:
+        if self.state_dir is None:
+            return
+        path = self.state_dir / STATE_FILE
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            if int(record.get("port", -1)) == self.port:
+                path.unlink()
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def _log_tail(self, lines: int = 15) -> List[str]:
+        if self.log_path is None:
+            return []
+        try:
+            with open(self.log_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                size = fh.tell()
+                start = self._log_offset if self._log_offset <= size else 0
+                fh.seek(max(start, size - 8192))
+                text = fh.read().decode("utf-8", "replace")
+        except OSError:
+            return []
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
+    def _log_excerpt(self) -> str:
+        tail = self._log_tail()
+        if not tail:
+            return f"Its log ({self.log_path}) is empty." if self.log_path else ""
+        return f"Last lines of its log ({self.log_path}):\n" + "\n".join(tail)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Module helpers
+# --------------------------------------------------------------------------------------------------------------
+def _check_interpreter(python: PathLike) -> str:
+    text = os.fspath(python).strip() if python is not None else ""
+    if not text:
+        raise BackendError(f"no Python interpreter is set for the backend: {_SETUP_HINT}")
+    path = Path(text).expanduser()
+    if not path.is_file() and len(path.parts) == 1 and shutil.which(text):
+        path = Path(shutil.which(text) or text)  # a bare name such as "python3" found on PATH
+    if not path.is_file():
+        raise BackendError(f"Python interpreter not found: {text}. Choose the backend's Python interpreter in the "
+                           "plugin's settings (or set up the backend there)")
+    # Keep venv launchers unresolved: resolving a venv's python symlink would leave the venv.
+    return str(path.absolute())
+
+
+def _same_path(a: Optional[str], b: Optional[str]) -> bool:
+    if not a or not b:
+        return False
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
+def _missing_module(text: str) -> Optional[str]:
+    """The top-level module of the last 'No module named X' in TEXT."""
+    found = re.findall(r"No module named '?([A-Za-z_][\w.]*)", text)
+    return found[-1].split(".")[0] if found else None
+
+
+def _describe_exit(code: Optional[int]) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        return f"killed by signal {-code}"
+    return f"exit code {code}"
+
+
+def _reason(exc: BaseException) -> str:
+    reason = getattr(exc, "reason", None)
+    return str(reason if reason is not None else exc) or type(exc).__name__
+
+
+def _quote(job_id: str) -> str:
+    from urllib.parse import quote
+
+    return quote(str(job_id), safe="")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((HOST, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def _rotate(log_path: Path) -> None:
+    """Keep the previous log as service.log.1; a log still held open (Windows) is appended to instead."""
+    try:
+        if log_path.exists() and log_path.stat().st_size > 0:
+            os.replace(log_path, log_path.with_name(log_path.name + ".1"))
+    except OSError:
+        pass
+
+
+def _write_json_atomic(path: Path, data: Dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise BackendError(f"cannot record the service in {path} ({exc}): set IDGBR_STATE_DIR to a writable "
+                           "folder") from exc
+
+
+class _StartLock:
+    """Cross-process lock (a file created exclusively) so two QGIS windows do not both start a service."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path = path
+        self.timeout = timeout
+        self._held = False
+
+    def __enter__(self) -> _StartLock:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fd = os.open(str(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                if self._stale():
+                    with contextlib.suppress(OSError):
+                        self.path.unlink()
+                    continue
+                if time.monotonic() > deadline:
+                    raise BackendError(f"another program has been starting the backend service for over "
+                                       f"{self.timeout:.0f} s: if none is running, delete {self.path}") from None
+                time.sleep(0.1)
+                continue
+            except OSError as exc:
+                raise BackendError(f"cannot create {self.path} ({exc}): set IDGBR_STATE_DIR to a writable "
+                                   "folder") from exc
+            with os.fdopen(fd, "w") as fh:
+                fh.write(f"{os.getpid()} {time.time()}\n")
+            self._held = True
+            return self
+
+    def _stale(self) -> bool:
+        try:
+            return time.time() - self.path.stat().st_mtime > self.timeout
+        except OSError:
+            return False
+
+    def __exit__(self, *exc_info: Any) -> None:
+        if self._held:
+            with contextlib.suppress(OSError):
+                self.path.unlink()
+            self._held = False
+
+
+__all__: Sequence[str] = ("BackendClient", "BackendError", "JobCancelled", "JobFailed", "ServiceGone",
+                          "default_state_dir", "READY_PREFIX")
