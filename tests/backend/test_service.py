@@ -18,6 +18,8 @@ import pytest
 
 READY = "IDGBR READY port="
 
+pytestmark = pytest.mark.timeout(300)  # a refusal that failed would otherwise serve forever
+
 
 class Service:
     """A `python -m idgbr serve` child process and an authenticated HTTP client for it."""

@@ -481,9 +481,7 @@ def _announce_ready(port: int) -> None:
     # stderr, so a full pipe can never block the service.
     try:
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    except (OSError, ValueError, AttributeError):
-        sys.stdout = sys.stderr
-    except Exception:  # io.UnsupportedOperation under test harnesses without real file descriptors
+    except (OSError, ValueError, AttributeError):  # no real file descriptors (io.UnsupportedOperation)
         sys.stdout = sys.stderr
 
 
