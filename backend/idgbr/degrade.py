@@ -1,0 +1,88 @@
+"""Synthetic degradations of class maps, so the refiner learns to repair maps of *any* model.
+
+Each turns a (B, H, W) id map into a plausible coarse prediction: blocky (low output resolution),
+shifted or jittered boundaries, eroded or dilated classes, smoothed corners, and flipped regions.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _one_hot(ids: torch.Tensor, k: int) -> torch.Tensor:
+    return F.one_hot(ids.clamp(0, k - 1), k).permute(0, 3, 1, 2).float()
+
+
+def _smooth_field(batch: int, height: int, width: int, cells: int, generator: torch.Generator) -> torch.Tensor:
+    """Smooth random field in [-1, 1] (B, 1, H, W) from bicubic upsampling of a coarse random grid."""
+    coarse = torch.rand(batch, 1, cells, cells, generator=generator) * 2 - 1
+    return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def blocky(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    factor = int([4, 8, 16][torch.randint(0, 3, (1,), generator=generator)])
+    votes = F.avg_pool2d(_one_hot(ids, k), factor, ceil_mode=True)
+    return F.interpolate(votes, size=ids.shape[-2:], mode="nearest").argmax(1)
+
+
+def smooth(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Blurred probabilities then argmax: rounded corners and lost thin structures, like upsampled logits."""
+    sigma = float(torch.empty(1).uniform_(2.0, 6.0, generator=generator))
+    radius = int(2 * sigma)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    probs = _one_hot(ids, k)
+    probs = F.conv2d(F.pad(probs, (radius, radius, 0, 0), mode="replicate"),
+                     kernel.view(1, 1, 1, -1).repeat(k, 1, 1, 1), groups=k)
+    probs = F.conv2d(F.pad(probs, (0, 0, radius, radius), mode="replicate"),
+                     kernel.view(1, 1, -1, 1).repeat(k, 1, 1, 1), groups=k)
+    return probs.argmax(1)
+
+
+def jitter(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Displace boundaries by a smooth random warp of up to ~8 px."""
+    batch, height, width = ids.shape
+    amplitude = float(torch.empty(1).uniform_(2.0, 8.0, generator=generator))
+    cells = int(torch.randint(4, 12, (1,), generator=generator))
+    dy = _smooth_field(batch, height, width, cells, generator) * amplitude * 2 / height
+    dx = _smooth_field(batch, height, width, cells, generator) * amplitude * 2 / width
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, width), indexing="ij")
+    grid = torch.stack([xs[None] + dx[:, 0], ys[None] + dy[:, 0]], dim=-1)
+    warped = F.grid_sample(ids[:, None].float(), grid, mode="nearest", padding_mode="border", align_corners=True)
+    return warped[:, 0].long()
+
+
+def erode_dilate(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Grow one random class into its neighbours (dilation of it = erosion of the others)."""
+    size = int([3, 5, 7, 9][torch.randint(0, 4, (1,), generator=generator)])
+    cls = int(torch.randint(0, k, (1,), generator=generator))
+    grown = F.max_pool2d((ids == cls).float()[:, None], size, 1, size // 2)[:, 0] > 0
+    return torch.where(grown, torch.full_like(ids, cls), ids)
+
+
+def flip_regions(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Assign a wrong class to a few smooth random blobs (semantic errors the refiner should not invent)."""
+    batch, height, width = ids.shape
+    field = _smooth_field(batch, height, width, 6, generator)[:, 0]
+    blobs = field > float(torch.empty(1).uniform_(0.6, 0.85, generator=generator))
+    wrong = torch.randint(0, k, (batch, 1, 1), generator=generator).expand_as(ids)
+    return torch.where(blobs, wrong, ids)
+
+
+DEGRADATIONS = (blocky, smooth, jitter, erode_dilate, flip_regions)
+
+
+def random_degradation(ids: torch.Tensor, k: int, generator: torch.Generator, ignore_index: int = 255
+                       ) -> torch.Tensor:
+    """Apply one to three random degradations to a (B, H, W) id map; ignore pixels are filled first."""
+    filled = ids.clone()
+    if (filled == ignore_index).any():
+        # Fill unlabelled pixels with a blocky estimate so degradations see a complete map.
+        filled[filled == ignore_index] = 0
+    count = int(torch.randint(1, 4, (1,), generator=generator))
+    order = torch.randperm(len(DEGRADATIONS), generator=generator)[:count]
+    for index in sorted(order.tolist(), key=lambda i: i == 4):  # flips last, after the geometry
+        filled = DEGRADATIONS[index](filled, k, generator)
+    return filled

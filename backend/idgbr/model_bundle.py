@@ -1,0 +1,177 @@
+"""A loaded model: coarse segmenter + refiner + card, ready for inference on a device."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, split_state
+from .errors import IdgbrError
+from .models.coarse import CoarseConfig, CoarseNet
+from .models.diffusion import position_noise
+from .models.refiner import Refiner, RefinerConfig
+
+DEFAULT_MODEL = "dubai5"
+
+
+def models_dir() -> Path:
+    """Bundled weights: $IDGBR_MODELS_DIR, else resources/models beside the backend folder
+    (the repository root in a checkout, the plugin folder in the installed plugin)."""
+    env = os.environ.get("IDGBR_MODELS_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "resources" / "models"
+
+
+def default_model_path(name: str = DEFAULT_MODEL) -> Path:
+    return models_dir() / f"{name}.safetensors"
+
+
+def bundled_models() -> dict[str, Path]:
+    folder = models_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+
+
+def resolve_model_path(model: str | Path | None) -> Path:
+    """None -> the default bundled model; a bundled name (e.g. "roads2") -> its file; else a path."""
+    if model is None or str(model) == "":
+        return default_model_path()
+    text = str(model)
+    if not text.endswith(".safetensors") and (models_dir() / f"{text}.safetensors").is_file():
+        return models_dir() / f"{text}.safetensors"
+    return Path(text).expanduser()
+
+
+def select_device(requested: str = "auto") -> torch.device:
+    requested = (requested or "auto").lower()
+    has_mps = bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    if requested == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if has_mps else torch.device("cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise IdgbrError(f"CUDA was requested but this backend's PyTorch ({torch.__version__}) cannot use a GPU "
+                         f"({'no CUDA build' if torch.version.cuda is None else 'no CUDA device found'}). "
+                         "Choose device 'auto' or 'cpu', or install a CUDA build of PyTorch in the backend.")
+    if requested == "mps" and not has_mps:
+        raise IdgbrError("Apple MPS was requested but is not available here. Choose device 'auto' or 'cpu'.")
+    if requested not in ("cpu", "cuda", "mps"):
+        raise IdgbrError(f"Unknown device {requested!r}: use auto, cpu, cuda or mps.")
+    return torch.device(requested)
+
+
+class ModelBundle:
+    """Inference wrapper. Images are (B, C, H, W) float32 normalised; H and W multiples of size_multiple."""
+
+    def __init__(self, card: dict, coarse: CoarseNet | None, refiner: Refiner | None, device: torch.device,
+                 source: Path | None = None) -> None:
+        self.card = card
+        self.device = device
+        self.source = source
+        memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
+        self.memory_format = memory_format
+        self.coarse = coarse.to(device, memory_format=memory_format).eval() if coarse else None
+        self.refiner = refiner.to(device, memory_format=memory_format).eval() if refiner else None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.card["num_classes"])
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        # Half precision on CUDA for the networks; the sampler's arithmetic stays float32.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+
+    def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Pixels in 8-bit units, (C, H, W) or (B, C, H, W) -> normalised float32 tensor on the CPU."""
+        tensor = torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
+        if tensor.ndim == 3:
+            tensor = tensor[None]
+        norm = self.card["normalization"]
+        mean = torch.tensor(norm["mean"], dtype=torch.float32)[None, :, None, None]
+        std = torch.tensor(norm["std"], dtype=torch.float32)[None, :, None, None]
+        return (tensor - mean) / std
+
+    @torch.inference_mode()
+    def segment(self, images: torch.Tensor) -> torch.Tensor:
+        """Coarse class logits (B, K, H, W), float32 on the model's device."""
+        if self.coarse is None:
+            raise IdgbrError("This model file has no coarse segmenter; give a coarse map (--coarse) instead.")
+        with self._autocast():
+            return self.coarse(self._prepare(images)).float()
+
+    @torch.inference_mode()
+    def refine(self, images: torch.Tensor, coarse_ids: torch.Tensor, origins: list[tuple[int, int]], *,
+               steps: int | None = None, seed: int | None = None, guard_band: int | None = None,
+               strength: float | None = None) -> torch.Tensor:
+        """Refined class logits (B, K, H, W); defaults come from the card's sampler section."""
+        if self.refiner is None:
+            raise IdgbrError("This model file has no refiner; use segment mode or another model.")
+        sampler = self.card.get("sampler", {})
+        steps = int(sampler.get("steps", 4) if steps is None else steps)
+        seed = int(sampler.get("seed", 0) if seed is None else seed)
+        guard_band = int(sampler.get("guard_band", 0) if guard_band is None else guard_band)
+        strength = float(sampler.get("strength", 1.0) if strength is None else strength)
+        if steps < 1 or steps > 100:
+            raise IdgbrError(f"steps must be between 1 and 100 (got {steps}).")
+        batch, _, height, width = images.shape
+        noise = torch.stack([position_noise(seed, origin, (self.num_classes, height, width))
+                             for origin in origins[:batch]]).to(self.device)
+        with self._autocast():
+            logits = self.refiner.sample(self._prepare(images), coarse_ids.to(self.device), noise, steps,
+                                         strength, guard_band)
+        return logits.float()
+
+    def flops_per_megapixel(self, steps: int | None = None, refine: bool = True) -> float:
+        """Floating-point operations per megapixel (coarse pass, plus the refine pass when ``refine``)."""
+        from torch.utils.flop_counter import FlopCounterMode
+
+        size = 256
+        image = torch.zeros(1, len(self.card["normalization"]["mean"]), size, size)
+        ids = torch.zeros(1, size, size, dtype=torch.long)
+        ids[:, :, size // 2:] = 1
+        counter = FlopCounterMode(display=False)
+        with counter:
+            if self.coarse is not None:
+                self.segment(image)
+            if refine and self.refiner is not None:
+                self.refine(image, ids, [(0, 0)], steps=steps)
+        return counter.get_total_flops() / (size * size / 1e6)
+
+
+def build_bundle(tensors: dict[str, torch.Tensor], card: dict, device: torch.device,
+                 source: Path | None = None) -> ModelBundle:
+    arch = card.get("architecture", {})
+    coarse = refiner = None
+    try:
+        if "coarse" in arch:
+            config = CoarseConfig(**{**arch["coarse"], "widths": tuple(arch["coarse"]["widths"])})
+            coarse = CoarseNet(config)
+            coarse.load_state_dict(split_state(tensors, "coarse."))
+        if "refiner" in arch:
+            spec = arch["refiner"]
+            config = RefinerConfig(**{**spec, "guidance_widths": tuple(spec["guidance_widths"]),
+                                      "denoiser_widths": tuple(spec["denoiser_widths"])})
+            refiner = Refiner(config)
+            refiner.load_state_dict(split_state(tensors, "refiner."))
+    except (RuntimeError, TypeError, KeyError) as exc:
+        raise IdgbrError(f"The weights in {source or 'the model file'} do not match its model card ({exc}). "
+                         "The file is damaged or was edited; use the bundled model or retrain.") from exc
+    if coarse is None and refiner is None:
+        raise IdgbrError(f"{source or 'The model file'} holds neither a coarse segmenter nor a refiner.")
+    return ModelBundle(card, coarse, refiner, device, source)
+
+
+def load_bundle(path: str | Path | None = None, device: str = "auto") -> ModelBundle:
+    """Load a model file (None: the default bundled model) onto ``device`` (auto, cpu, cuda or mps)."""
+    source = resolve_model_path(path)
+    tensors, card = load_checkpoint(source)
+    return build_bundle(tensors, card, select_device(device), source)

@@ -1,0 +1,1 @@
+"""Neural networks of IDGBR: the coarse segmenter, the conditional guidance net and the denoiser."""

@@ -1,0 +1,110 @@
+"""Noise schedule, mask codes, position-seeded noise, the few-step DDIM sampler and the guard band."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+NOISE_BLOCK = 64  # noise is drawn per 64x64 block of the raster grid, so overlapping tiles agree
+
+
+def alpha_bar(t: torch.Tensor, offset: float = 0.008) -> torch.Tensor:
+    """Cosine schedule: share of signal left at continuous time t in [0, 1] (1 = pure noise)."""
+    value = torch.cos((t + offset) / (1 + offset) * math.pi / 2) ** 2
+    return value.clamp(1e-5, 1.0)
+
+
+def mask_codes(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(B, H, W) class ids -> (B, K, H, W) fixed codes: one-hot scaled to +-1 (well separated, never learned)."""
+    one_hot = F.one_hot(ids.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).float()
+    return one_hot * 2.0 - 1.0
+
+
+def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Forward process: x_t = sqrt(a) x0 + sqrt(1 - a) noise, with a = alpha_bar(t) per batch item."""
+    a = alpha_bar(t)[:, None, None, None]
+    return a.sqrt() * x0 + (1 - a).sqrt() * noise
+
+
+def position_noise(seed: int, origin: tuple[int, int], shape: tuple[int, int, int],
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+    """Gaussian noise (K, H, W) for the raster window starting at ``origin`` (row, col).
+
+    The value at a raster pixel depends only on the seed and the pixel's position, not on the tile
+    layout, the tile order or the batch size, so overlapping tiles start from the same noise.
+    """
+    channels, height, width = shape
+    row0, col0 = origin
+    b_row0, b_col0 = row0 // NOISE_BLOCK, col0 // NOISE_BLOCK
+    b_row1, b_col1 = (row0 + height - 1) // NOISE_BLOCK, (col0 + width - 1) // NOISE_BLOCK
+    canvas = torch.empty(channels, (b_row1 - b_row0 + 1) * NOISE_BLOCK, (b_col1 - b_col0 + 1) * NOISE_BLOCK)
+    generator = torch.Generator()
+    for b_row in range(b_row0, b_row1 + 1):
+        for b_col in range(b_col0, b_col1 + 1):
+            generator.manual_seed((seed * 1_000_003 + b_row * 65_537 + b_col) % (2**63 - 1))
+            r, c = (b_row - b_row0) * NOISE_BLOCK, (b_col - b_col0) * NOISE_BLOCK
+            canvas[:, r : r + NOISE_BLOCK, c : c + NOISE_BLOCK] = torch.randn(
+                channels, NOISE_BLOCK, NOISE_BLOCK, generator=generator)
+    r_off, c_off = row0 - b_row0 * NOISE_BLOCK, col0 - b_col0 * NOISE_BLOCK
+    return canvas[:, r_off : r_off + height, c_off : c_off + width].to(device)
+
+
+def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                steps: int, strength: float = 1.0, start_codes: torch.Tensor | None = None) -> torch.Tensor:
+    """Deterministic DDIM (eta = 0) with x0-prediction. Returns the last step's logits (B, K, H, W).
+
+    ``strength`` 1.0 starts from pure noise (the coarse map enters only through the guidance net);
+    below 1.0 the start is the coarse map's codes (``start_codes``) noised to time ``strength``.
+    """
+    if steps < 1:
+        raise ValueError("steps must be at least 1")
+    batch = noise.shape[0]
+    times = torch.linspace(strength, 0.0, steps + 1, device=noise.device)
+    if strength >= 1.0 or start_codes is None:
+        x_t = noise
+    else:
+        x_t = q_sample(start_codes, times[:1].expand(batch), noise)
+    logits = None
+    for i in range(steps):
+        t_now = times[i].expand(batch)
+        logits = predict_logits(x_t, t_now)
+        if i == steps - 1:
+            break
+        # The expected code under the predicted class probabilities is the x0 estimate.
+        x0 = torch.softmax(logits, dim=1) * 2.0 - 1.0
+        a_now, a_next = alpha_bar(times[i]), alpha_bar(times[i + 1])
+        eps = (x_t - a_now.sqrt() * x0) / (1 - a_now).sqrt()
+        x_t = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    return logits
+
+
+def boundary_map(ids: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) ids -> (B, H, W) bool, true where a 4-neighbour has another class."""
+    edge = torch.zeros_like(ids, dtype=torch.bool)
+    vertical = ids[:, 1:, :] != ids[:, :-1, :]
+    horizontal = ids[:, :, 1:] != ids[:, :, :-1]
+    edge[:, 1:, :] |= vertical
+    edge[:, :-1, :] |= vertical
+    edge[:, :, 1:] |= horizontal
+    edge[:, :, :-1] |= horizontal
+    return edge
+
+
+def guard_band_mask(coarse_ids: torch.Tensor, band: int) -> torch.Tensor:
+    """(B, H, W) bool: pixels within ``band`` px (Chebyshev distance) of a coarse class boundary."""
+    edge = boundary_map(coarse_ids).float()[:, None]
+    if band > 0:
+        edge = F.max_pool2d(edge, kernel_size=2 * band + 1, stride=1, padding=band)
+    return edge[:, 0] > 0
+
+
+def apply_guard_band(logits: torch.Tensor, coarse_ids: torch.Tensor, band: int) -> torch.Tensor:
+    """Keep the coarse class wherever a pixel is farther than ``band`` px from a coarse boundary."""
+    if band <= 0:
+        return logits
+    inside = guard_band_mask(coarse_ids, band)[:, None]
+    coarse_logits = (mask_codes(coarse_ids, logits.shape[1]) * 20.0).to(logits.dtype)
+    return torch.where(inside, logits, coarse_logits)
