@@ -30,6 +30,7 @@ LOG_FILE = "service.log"
 LOCK_FILE = "start.lock"
 HOST = "127.0.0.1"
 SERVE_MODULE = "idgbr"  # spawned as `python -m idgbr serve ...`
+DEFAULT_IDLE_TIMEOUT = 2 * 3600.0  # a service left behind (QGIS crashed) frees its memory after two idle hours
 # Exit codes of `idgbr serve` (see idgbr.service.app).
 EXIT_MISSING_DEPENDENCY = 3
 EXIT_PORT_TAKEN = 4
@@ -99,10 +100,12 @@ class BackendClient:
     # ----------------------------------------------------------------------------------------------------------
     @classmethod
     def start_or_connect(cls, python: PathLike, state_dir: Optional[PathLike] = None, timeout: float = 60.0, *,
-                         port: int = 0, env: Optional[Mapping[str, str]] = None) -> BackendClient:
+                         port: int = 0, env: Optional[Mapping[str, str]] = None,
+                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> BackendClient:
         """Reuse the service recorded in STATE_DIR if it answers, else start `PYTHON -m idgbr serve`.
 
-        PORT 0 lets the service pick a free port. ENV adds variables for a newly started service.
+        PORT 0 lets the service pick a free port. ENV adds variables for a newly started service, which stops
+        by itself after IDLE_TIMEOUT s without requests or jobs (0: never), e.g. when QGIS crashed.
         """
         state = Path(state_dir) if state_dir is not None else default_state_dir()
         try:
@@ -119,7 +122,7 @@ class BackendClient:
                 # The user picked another interpreter: replace the old service rather than keep using it.
                 with contextlib.suppress(BackendError):
                     existing.shutdown()
-            return cls._spawn(interpreter, state, timeout, port, env)
+            return cls._spawn(interpreter, state, timeout, port, env, idle_timeout)
 
     @classmethod
     def _from_state(cls, state: Path) -> Optional[BackendClient]:
@@ -144,7 +147,7 @@ class BackendClient:
 
     @classmethod
     def _spawn(cls, python: str, state: Path, timeout: float, port: int,
-               extra_env: Optional[Mapping[str, str]]) -> BackendClient:
+               extra_env: Optional[Mapping[str, str]], idle_timeout: float) -> BackendClient:
         token_file = state / TOKEN_FILE
         log_path = state / LOG_FILE
         _rotate(log_path)
@@ -155,7 +158,7 @@ class BackendClient:
                                "writable folder") from exc
         log_offset = log.tell()
         command = [python, "-m", SERVE_MODULE, "serve", "--host", HOST, "--port", str(int(port)),
-                   "--token-file", str(token_file)]
+                   "--token-file", str(token_file), "--idle-timeout", str(float(idle_timeout))]
         env = {k: v for k, v in os.environ.items() if k.upper() not in _FOREIGN_ENV}
         env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", "IDGBR_STATE_DIR": str(state)})
         env.update(extra_env or {})

@@ -94,6 +94,18 @@ def test_ready_line_token_file_and_clean_shutdown(tmp_path: Path) -> None:
             process.kill()
 
 
+def test_idle_service_stops_by_itself(tmp_path: Path) -> None:
+    token_file = tmp_path / "token"
+    process, line, stderr_path = start_process(["--token-file", str(token_file), "--idle-timeout", "1"], tmp_path)
+    try:
+        assert line is not None and line.startswith(READY), stderr_path.read_text()
+        assert process.wait(timeout=60) == 0
+        assert "no requests for" in stderr_path.read_text()
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
 def test_existing_token_file_is_used_and_tightened(tmp_path: Path) -> None:
     from idgbr.service.auth import load_or_create_token
 
@@ -113,6 +125,7 @@ def test_existing_token_file_is_used_and_tightened(tmp_path: Path) -> None:
         (["--host", "192.0.2.10"], 2, "not a loopback address"),
         (["--host", "example.invalid"], 2, "not a loopback address"),
         (["--port", "70000"], 2, "out of range"),
+        (["--idle-timeout", "-5"], 2, "idle-timeout"),
     ],
 )
 def test_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture, args: List[str], code: int,

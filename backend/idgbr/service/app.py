@@ -130,9 +130,10 @@ class AsciiJSONResponse(JSONResponse):
 class BearerAuth:
     """Pure ASGI middleware: every HTTP request needs `Authorization: Bearer <token>`, else 401."""
 
-    def __init__(self, app: ASGIApp, token: str) -> None:
+    def __init__(self, app: ASGIApp, token: str, on_authorized: Optional[Callable[[], None]] = None) -> None:
         self.app = app
         self.token = token
+        self.on_authorized = on_authorized  # records activity for the idle timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -140,6 +141,8 @@ class BearerAuth:
             return
         values = [v.decode("latin-1") for k, v in scope.get("headers", []) if k.lower() == b"authorization"]
         if len(values) == 1 and bearer_matches(values[0], self.token):
+            if self.on_authorized is not None:
+                self.on_authorized()
             await self.app(scope, receive, send)
             return
         response = AsciiJSONResponse(
@@ -203,8 +206,13 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
         default_response_class=AsciiJSONResponse,
         max_body_size=MAX_BODY_BYTES,
     )
-    app.add_middleware(BearerAuth, token=token)
     app.state.jobs = jobs
+    app.state.last_activity = time.monotonic()
+
+    def touch() -> None:
+        app.state.last_activity = time.monotonic()
+
+    app.add_middleware(BearerAuth, token=token, on_authorized=touch)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -426,8 +434,13 @@ def _check_dependencies() -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = None,
-          allow_remote: bool = False) -> int:
-    """Run the service until /shutdown or a signal; prints the ready line once it listens. Returns 0."""
+          allow_remote: bool = False, idle_timeout: float = 0.0) -> int:
+    """Run the service until /shutdown, a signal, or IDLE_TIMEOUT s (0: never) without requests or jobs.
+
+    Prints the ready line once it listens. Returns 0.
+    """
+    if idle_timeout < 0 or idle_timeout != idle_timeout:
+        raise ServeError(f"--idle-timeout {idle_timeout} must be 0 (never) or a number of seconds", EXIT_BAD_ARGS)
     import uvicorn
 
     if not _is_loopback(host) and not allow_remote:
@@ -463,6 +476,17 @@ def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = N
                 print(f"idgbr serve: listening on {host}:{actual_port}, token in {token_file}", file=sys.stderr,
                       flush=True)
 
+        async def on_tick(self, counter: int) -> bool:
+            # Called every 0.1 s. A service nobody uses (its QGIS crashed) should not hold memory forever.
+            if idle_timeout and counter % 10 == 0 and not self.should_exit:
+                counts = app.state.jobs.counts()
+                idle = time.monotonic() - app.state.last_activity
+                if counts["queued"] == 0 and counts["running"] == 0 and idle >= idle_timeout:
+                    print(f"idgbr serve: no requests for {idle:.0f} s and no jobs; stopping", file=sys.stderr,
+                          flush=True)
+                    self.should_exit = True
+            return await super().on_tick(counter)
+
     config = uvicorn.Config(app, log_level="warning", access_log=False, log_config=None, lifespan="on",
                             timeout_graceful_shutdown=15, server_header=False)
     server = ReadyServer(config)
@@ -487,7 +511,7 @@ def _announce_ready(port: int) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        return serve(args.host, args.port, args.token_file, args.allow_remote)
+        return serve(args.host, args.port, args.token_file, args.allow_remote, args.idle_timeout)
     except ServeError as exc:
         print(f"IDGBR ERROR: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
@@ -511,6 +535,8 @@ def register_cli(subparsers: Any) -> None:
                              "(default: a new token written to $IDGBR_STATE_DIR/token or ~/.idgbr/token)")
     parser.add_argument("--allow-remote", action="store_true",
                         help="allow a non-loopback --host (anyone who can reach it and has the token can use it)")
+    parser.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
+                        help="stop after this many seconds without requests or jobs (default 0: never)")
     parser.set_defaults(func=_cmd_serve)
 
 
