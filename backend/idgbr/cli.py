@@ -1,0 +1,193 @@
+"""The `idgbr` command: refine, segment and bench here; train, evaluate, info and serve are added by their
+own modules through ``register_cli(subparsers)``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import re
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from . import __version__
+from .errors import Cancelled, IdgbrError
+
+log = logging.getLogger("idgbr")
+
+# Modules that add their own subcommands (ARCHITECTURE.md, "Command line").
+SUBCOMMAND_MODULES = ("idgbr.train", "idgbr.evaluate", "idgbr.checkpoint", "idgbr.service.app", "idgbr.bench")
+
+VALUE_OPTIONS = ("--extent",)  # options whose value may start with a minus sign
+EXIT_ERROR = 1
+EXIT_CANCELLED = 130  # the shell's convention for Ctrl-C
+
+
+class TerminalProgress:
+    """A one-line progress bar redrawn in place (tiles, MP/s, ETA come in the engine's message)."""
+
+    def __init__(self, stream: TextIO, width: int = 28, min_interval: float = 0.2) -> None:
+        self.stream = stream
+        self.width = width
+        self.min_interval = min_interval
+        self.last = 0.0
+        self.drawn = False
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if fraction < 1.0 and now - self.last < self.min_interval:
+            return
+        self.last = now
+        filled = int(round(self.width * max(0.0, min(1.0, fraction))))
+        bar = "#" * filled + "-" * (self.width - filled)
+        self.stream.write(f"\r{100 * fraction:5.1f}% [{bar}] {message}\033[K")
+        self.stream.flush()
+        self.drawn = True
+
+    def close(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.drawn = False
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
+    parser.add_argument("input", type=Path, metavar="INPUT", help="input raster (GeoTIFF or any GDAL raster)")
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT",
+                        help="output GeoTIFF of class ids (uint8, nodata 255, colour table); written to a "
+                             "temporary file and renamed at the end")
+    if refine:
+        parser.add_argument("--coarse", type=Path, metavar="RASTER",
+                            help="class-id raster from any model to refine instead of the bundled coarse "
+                                 "segmenter (resampled nearest to INPUT's grid when its grid differs)")
+    parser.add_argument("--model", metavar="PATH",
+                        help="model file (.safetensors) or bundled model name (dubai5, roads2); default dubai5")
+    if refine:
+        parser.add_argument("--steps", type=int, metavar="N",
+                            help="diffusion sampling steps (default: the model card's)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+                        help="where to run the model (default auto: CUDA, then MPS, then CPU)")
+    parser.add_argument("--bands", metavar="1,2,3",
+                        help="input band numbers (1-based) in the model's band order (default: the card's)")
+    parser.add_argument("--extent", metavar="XMIN,YMIN,XMAX,YMAX",
+                        help="process only this area, snapped outward to the pixel grid")
+    parser.add_argument("--extent-crs", metavar="CRS",
+                        help="CRS of --extent, e.g. EPSG:4326 (default: the raster's CRS)")
+    parser.add_argument("--tile", type=int, metavar="N", help="tile size in pixels (default: the model card's)")
+    parser.add_argument("--overlap", type=int, metavar="N",
+                        help="overlap between tiles in pixels, blended (default: the model card's)")
+    if refine:
+        parser.add_argument("--guard-band", type=int, metavar="PX",
+                            help="only pixels within PX of a coarse class boundary may change "
+                                 "(default: the model card's)")
+        parser.add_argument("--seed", type=int, default=0, metavar="N",
+                            help="seed of the diffusion noise; results are reproducible per seed (default 0)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from .pipeline import RunOptions, run
+    from .raster.bands import parse_bands
+    from .raster.io import parse_extent
+
+    # Parsed here rather than by argparse so a bad value gets the same one-line error as other bad inputs.
+    options = RunOptions(
+        input=args.input, output=args.output, mode=args.command, coarse=getattr(args, "coarse", None),
+        model=args.model, steps=getattr(args, "steps", None), device=args.device,
+        bands=parse_bands(args.bands) if args.bands else None,
+        extent=parse_extent(args.extent) if args.extent else None, extent_crs=args.extent_crs, tile=args.tile,
+        overlap=args.overlap,
+        guard_band=getattr(args, "guard_band", None), seed=getattr(args, "seed", 0))
+    bar = None if args.quiet or not sys.stderr.isatty() else TerminalProgress(sys.stderr)
+    try:
+        result = run(options, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not args.quiet:
+        rate = result.seconds / result.megapixels if result.megapixels else 0.0
+        done = (f"refined {result.tiles_refined} of {result.tiles} tiles ({100 * result.refined_share:.0f} %)"
+                if result.mode == "refine" else f"{result.tiles} tiles")
+        print(f"Wrote {result.output}: {result.width} x {result.height} px, {done}, {result.seconds:.1f} s "
+              f"({rate:.2f} s/MP) on {result.device}.")
+    return 0
+
+
+def _register_subcommands(subparsers: argparse._SubParsersAction) -> None:
+    for name in SUBCOMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            # Only while that part of the product has not landed yet; a broken import elsewhere still fails.
+            if exc.name != name:
+                raise
+            continue
+        module.register_cli(subparsers)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="idgbr",
+        description="Segment aerial rasters and refine class boundaries with a small diffusion model (IDGBR).")
+    parser.add_argument("--version", action="version", version=f"idgbr {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    refine = subparsers.add_parser(
+        "refine", help="coarse segmentation (or --coarse) then diffusion refinement of class boundaries",
+        description="Segment INPUT with the model's coarse segmenter (or take --coarse from any other model), "
+                    "then refine the class boundaries with the diffusion refiner. Writes a GeoTIFF of class "
+                    "ids on INPUT's grid.")
+    _add_run_arguments(refine, refine=True)
+    refine.set_defaults(func=_run_command)
+    segment = subparsers.add_parser(
+        "segment", help="the coarse segmenter alone",
+        description="Segment INPUT with the model's coarse segmenter only (no refinement).")
+    _add_run_arguments(segment, refine=False)
+    segment.set_defaults(func=_run_command)
+    _register_subcommands(subparsers)
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("idgbr: %(message)s"))
+    log.handlers[:] = [handler]
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+    log.propagate = False
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """argparse takes "--extent -101.7,40.1,..." for two options; glue such values to their option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in VALUE_OPTIONS and i + 1 < len(argv) and re.match(r"^-[\d.]", argv[i + 1]):
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console script entry point; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
+    _setup_logging(bool(getattr(args, "quiet", False)))
+    try:
+        return int(args.func(args) or 0)
+    except Cancelled:
+        print("idgbr: cancelled; no output was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except KeyboardInterrupt:
+        print("\nidgbr: interrupted; no output was written.", file=sys.stderr)
+        return EXIT_CANCELLED
+    except IdgbrError as exc:
+        print(f"idgbr: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())

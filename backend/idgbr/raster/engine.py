@@ -1,0 +1,433 @@
+"""The tile scheduler: streams a raster window through the coarse segmenter and the refiner.
+
+Memory stays bounded by the tile size and a column block's width, never the raster's height or width:
+- the window is cut into column blocks (``windows.column_blocks``) processed one after another;
+- inside a block, tiles run in row-major order; blended logits are held only for the band of rows that
+  still has unprocessed tiles, and rows are argmax-ed, written and dropped as soon as no later tile covers
+  them;
+- the refine pass trails the coarse pass by about one tile row (a refine tile needs the blended coarse map
+  over its whole area, which needs the coarse tiles below it).
+
+Both passes blend per-tile log-probabilities (normalised logits) with raised-cosine weights. Log-probs,
+rather than raw logits, because tiles without a class boundary skip the refiner and contribute a fixed
+near-one-hot distribution instead: the two must be on one scale to blend.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+from scipy import ndimage
+
+from ..errors import Cancelled
+from .bands import PixelScaler
+from .io import NODATA, CoarseSource, OutputWriter, read_pixels
+from .windows import OUTPUT_BLOCK, ColumnBlock, TileGrid, column_blocks, pad_tile, padded_size
+
+ProgressFn = Callable[[float, str], None]
+
+SKIP_PROB = 0.999  # probability a skipped (boundary-free) tile gives its single class
+
+
+@dataclass
+class EngineConfig:
+    mode: str  # "refine" | "segment"
+    tile: int
+    overlap: int
+    batch: int
+    steps: int
+    seed: int
+    guard_band: int
+    max_block_width: int = 8192
+
+
+@dataclass
+class EngineStats:
+    tiles: int = 0  # tiles of the final pass (refine tiles in refine mode, coarse tiles in segment mode)
+    tiles_refined: int = 0
+    coarse_tiles: int = 0
+    class_pixels: dict[int, int] = field(default_factory=dict)
+    nodata_pixels: int = 0
+    tile_shape: tuple[int, int] = (0, 0)  # (rows, cols) of every tile, before padding
+
+
+class RollingRows:
+    """Rows [base, base + n) of a (..., rows, width) array; grows on demand, drops rows from the top."""
+
+    def __init__(self, lead: tuple[int, ...], width: int, dtype: type, fill: float = 0) -> None:
+        self.lead, self.width, self.dtype, self.fill = lead, width, dtype, fill
+        self.base = 0
+        self.data = np.full((*lead, 0, width), fill, dtype=dtype)
+
+    def view(self, start: int, stop: int) -> np.ndarray:
+        if stop - self.base > self.data.shape[-2]:
+            grown = np.full((*self.lead, stop - self.base, self.width), self.fill, dtype=self.dtype)
+            grown[..., : self.data.shape[-2], :] = self.data
+            self.data = grown
+        assert start >= self.base, (start, self.base)
+        return self.data[..., start - self.base : stop - self.base, :]
+
+    def release(self, upto: int) -> None:
+        drop = upto - self.base
+        if drop <= 0:
+            return
+        rows = self.data.shape[-2]
+        if drop >= rows:
+            self.data[...] = self.fill
+        else:
+            self.data[..., : rows - drop, :] = self.data[..., drop:, :]
+            self.data[..., rows - drop :, :] = self.fill
+        self.base = upto
+
+
+class Pass:
+    """Bookkeeping of one pass (coarse or refine) over a block: its tiles, which are done, which rows are
+    final."""
+
+    def __init__(self, grid: TileGrid, cols: tuple[int, ...]) -> None:
+        self.rows = grid.rows
+        self.height = grid.height
+        self.tiles = [(i, x) for i in range(len(self.rows)) for x in cols]
+        self.per_row = len(cols)
+        self.done = [0] * len(self.rows)
+        self.next = 0  # index of the next tile to hand out
+        self.first_open = 0  # first tile row with undone tiles
+        self.final_end = 0  # rows [0, final_end) will not change any more
+
+    @property
+    def exhausted(self) -> bool:
+        return self.next >= len(self.tiles)
+
+    @property
+    def finished(self) -> bool:
+        return self.first_open >= len(self.rows)
+
+    def mark(self, row_index: int) -> tuple[int, int]:
+        """Record one finished tile; return the rows that became final (possibly empty)."""
+        self.done[row_index] += 1
+        start = self.final_end
+        while self.first_open < len(self.rows) and self.done[self.first_open] == self.per_row:
+            self.first_open += 1
+        self.final_end = self.rows[self.first_open] if self.first_open < len(self.rows) else self.height
+        return start, max(start, self.final_end)
+
+
+class Engine:
+    def __init__(self, bundle, src: rasterio.io.DatasetReader, window: Window, bands: list[int],
+                 scaler: PixelScaler, masked: bool, coarse: CoarseSource | None, config: EngineConfig,
+                 writer: OutputWriter, progress: ProgressFn | None = None,
+                 cancel: threading.Event | None = None) -> None:
+        self.bundle = bundle
+        self.src = src
+        self.window = window
+        self.row0, self.col0 = int(window.row_off), int(window.col_off)
+        self.bands = bands
+        self.scaler = scaler
+        self.masked = masked
+        self.coarse_source = coarse
+        self.config = config
+        self.writer = writer
+        self.progress = progress
+        self.cancel = cancel
+        card = bundle.card
+        self.num_classes = int(card["num_classes"])
+        self.multiple = int(card.get("size_multiple", 1))
+        self.fill_8bit = np.asarray(card["normalization"]["mean"], dtype=np.float32)[:, None, None]
+        self.grid = TileGrid(int(window.height), int(window.width), config.tile, config.overlap, self.multiple)
+        self.refining = config.mode == "refine"
+        self.model_coarse = coarse is None
+        self.blocks = column_blocks(self.grid, config.max_block_width, self.refining and self.model_coarse)
+        self.stats = EngineStats(tile_shape=(self.grid.tile_h, self.grid.tile_w))
+        self.class_hist = np.zeros(256, dtype=np.int64)
+        # Progress in work units: a coarse tile is 1, a refined tile about ``steps`` denoiser calls.
+        self.refine_cost = max(1, config.steps)
+        rows = len(self.grid.rows)
+        self.total_units = 0.0
+        for block in self.blocks:
+            if self.model_coarse:
+                self.total_units += rows * len(block.coarse_cols)
+            if self.refining:
+                self.total_units += rows * len(block.refine_cols) * self.refine_cost
+        self.total_units = max(self.total_units, 1.0)
+        self.done_units = 0.0
+        self.tiles_done = 0
+        self.tiles_total = sum(rows * ((len(b.coarse_cols) if self.model_coarse else 0)
+                                       + (len(b.refine_cols) if self.refining else 0)) for b in self.blocks)
+        self.started = time.perf_counter()
+        self.megapixels = self.grid.height * self.grid.width / 1e6
+
+    # ----------------------------------------------------------------- public
+
+    def run(self) -> EngineStats:
+        self._report()
+        with torch.inference_mode():
+            for block in self.blocks:
+                _BlockRun(self, block).run()
+        self.stats.class_pixels = {i: int(n) for i, n in enumerate(self.class_hist[: self.num_classes]) if n}
+        self.stats.nodata_pixels = int(self.class_hist[NODATA])
+        return self.stats
+
+    # ----------------------------------------------------------------- shared helpers
+
+    def check_cancel(self) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled("Cancelled; no output was written.")
+
+    def advance(self, units: float, tiles: int) -> None:
+        self.done_units += units
+        self.tiles_done += tiles
+        self._report()
+
+    def _report(self) -> None:
+        if self.progress is None:
+            return
+        fraction = min(1.0, self.done_units / self.total_units)
+        elapsed = time.perf_counter() - self.started
+        rate = self.megapixels * fraction / elapsed if elapsed > 0 and fraction > 0 else 0.0
+        if fraction > 0 and elapsed > 0:
+            eta = elapsed * (1 - fraction) / fraction
+            eta_text = f"ETA {int(eta // 60)}:{int(eta % 60):02d}"
+        else:
+            eta_text = "ETA --:--"
+        self.progress(fraction, f"tiles {self.tiles_done}/{self.tiles_total}, {rate:.2f} MP/s, {eta_text}")
+
+    def model_input(self, tiles: list[np.ndarray], valid: list[np.ndarray | None], height: int, width: int
+                    ) -> torch.Tensor:
+        """Raw tiles -> one normalised, padded batch tensor."""
+        batch = []
+        for pixels, ok in zip(tiles, valid):
+            values = self.scaler.to_8bit(pixels)
+            if ok is not None and not ok.all():
+                # Nodata pixels get the training mean: neutral input that does not invent edges.
+                values = np.where(ok[None], values, self.fill_8bit)
+            batch.append(pad_tile(values, height, width))
+        return self.bundle.normalize(np.stack(batch))
+
+    def log_probs(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
+        # One transfer per batch, already cropped, so the device does the softmax and the host only adds.
+        out = torch.log_softmax(logits[:, :, :height, :width].float(), dim=1)
+        return out.cpu().numpy()
+
+
+class _BlockRun:
+    """One column block through both passes."""
+
+    def __init__(self, engine: Engine, block: ColumnBlock) -> None:
+        self.e = engine
+        self.block = block
+        grid = engine.grid
+        self.grid = grid
+        self.th, self.tw = grid.tile_h, grid.tile_w
+        self.ph, self.pw = padded_size(self.th, engine.multiple), padded_size(self.tw, engine.multiple)
+        cols = block.coarse_cols if engine.model_coarse else block.refine_cols
+        self.lo, self.hi = min(cols), max(cols) + self.tw
+        span = self.hi - self.lo
+        k = engine.num_classes
+        self.coarse = Pass(grid, block.coarse_cols) if engine.model_coarse else None
+        self.refine = Pass(grid, block.refine_cols) if engine.refining else None
+        self.coarse_acc = RollingRows((k,), span, np.float32) if self.coarse else None
+        self.refine_acc = RollingRows((k,), span, np.float32) if self.refine else None
+        self.coarse_ids = RollingRows((), span, np.uint8) if self.refine else None
+        self.valid = RollingRows((), span, bool, fill=True)
+        self.out = RollingRows((), block.out_stop - block.out_start, np.uint8, fill=NODATA)
+        self.emitted = 0
+        self.flushed = 0
+        self.strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.pending: list[tuple[int, int]] = []  # refine tiles waiting for a model batch
+        self.log_skip_hi = math.log(SKIP_PROB)
+        self.log_skip_lo = math.log((1 - SKIP_PROB) / max(1, k - 1))
+
+    # ----------------------------------------------------------------- reading
+
+    def strip(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """Pixels of tile row ``i`` over the block's columns, read once and kept until both passes are
+        done with that row."""
+        if i in self.strips:
+            return self.strips[i]
+        e = self.e
+        y = self.grid.rows[i]
+        window = Window(e.col0 + self.lo, e.row0 + y, self.hi - self.lo, self.th)
+        pixels, valid = read_pixels(e.src, e.bands, window, e.masked)
+        if e.coarse_source is not None:
+            ids, coarse_valid = e.coarse_source.read(window)
+            if not coarse_valid.all():
+                ids = fill_nearest(ids, coarse_valid)
+            valid = coarse_valid if valid is None else valid & coarse_valid
+            self.coarse_ids.view(y, y + self.th)[...] = ids
+        if valid is not None:
+            self.valid.view(y, y + self.th)[...] = valid
+        self.strips[i] = (pixels, valid)
+        return self.strips[i]
+
+    def drop_strips(self) -> None:
+        for i in list(self.strips):
+            coarse_done = self.coarse is None or self.coarse.first_open > i
+            refine_done = self.refine is None or self.refine.first_open > i
+            if coarse_done and refine_done:
+                del self.strips[i]
+
+    def tile_pixels(self, i: int, x: int) -> tuple[np.ndarray, np.ndarray | None]:
+        pixels, valid = self.strip(i)
+        c = x - self.lo
+        return pixels[:, :, c : c + self.tw], None if valid is None else valid[:, c : c + self.tw]
+
+    def weights(self, i: int, x: int) -> np.ndarray:
+        return self.grid.row_weights(self.grid.rows[i])[:, None] * self.grid.col_weights(x)[None, :]
+
+    # ----------------------------------------------------------------- passes
+
+    def run_coarse_batch(self) -> None:
+        e, p = self.e, self.coarse
+        tiles = p.tiles[p.next : p.next + e.config.batch]
+        p.next += len(tiles)
+        data = [self.tile_pixels(i, x) for i, x in tiles]
+        images = e.model_input([d[0] for d in data], [d[1] for d in data], self.ph, self.pw)
+        log_p = e.log_probs(e.bundle.segment(images), self.th, self.tw)
+        for (i, x), lp in zip(tiles, log_p):
+            y, c = self.grid.rows[i], x - self.lo
+            self.coarse_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * self.weights(i, x)
+            start, stop = p.mark(i)
+            if stop > start:
+                self.coarse_rows_final(start, stop)
+        e.stats.coarse_tiles += len(tiles)
+        e.advance(len(tiles), len(tiles))
+
+    def coarse_rows_final(self, start: int, stop: int) -> None:
+        ids = self.coarse_acc.view(start, stop).argmax(axis=0)
+        self.coarse_acc.release(stop)
+        if self.refine is None:
+            self.emit(start, stop, ids)
+        else:
+            self.coarse_ids.view(start, stop)[...] = ids
+
+    def refine_ready(self, i: int) -> bool:
+        if self.coarse is None:
+            return True
+        y = self.grid.rows[i]
+        return self.coarse.final_end >= min(y + self.th, self.grid.height)
+
+    def gather_refine(self) -> None:
+        """Move ready refine tiles to the pending batch; tiles without a class boundary are settled here."""
+        e, p = self.e, self.refine
+        while not p.exhausted and len(self.pending) < e.config.batch:
+            i, x = p.tiles[p.next]
+            if not self.refine_ready(i):
+                return
+            self.strip(i)
+            p.next += 1
+            y, c = self.grid.rows[i], x - self.lo
+            ids = self.coarse_ids.view(y, y + self.th)[:, c : c + self.tw]
+            valid = self.valid.view(y, y + self.th)[:, c : c + self.tw]
+            values = ids if valid.all() else ids[valid]
+            if values.size and values.min() != values.max():
+                self.pending.append((i, x))
+                continue
+            # No boundary: the refiner would return the coarse class (guard band), so skip the model.
+            klass = int(values.min()) if values.size else 0
+            acc = self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw]
+            w = self.weights(i, x)
+            acc += w * self.log_skip_lo
+            acc[klass] += w * (self.log_skip_hi - self.log_skip_lo)
+            self.e.stats.tiles += 1
+            self.finish_refine_tile(i)
+            e.advance(e.refine_cost, 1)
+
+    def run_refine_batch(self) -> None:
+        e = self.e
+        tiles, self.pending = self.pending[: e.config.batch], self.pending[e.config.batch :]
+        data = [self.tile_pixels(i, x) for i, x in tiles]
+        images = e.model_input([d[0] for d in data], [d[1] for d in data], self.ph, self.pw)
+        ids = []
+        origins = []
+        for i, x in tiles:
+            y, c = self.grid.rows[i], x - self.lo
+            tile_ids = self.coarse_ids.view(y, y + self.th)[:, c : c + self.tw].astype(np.int64)
+            ids.append(pad_tile(tile_ids, self.ph, self.pw))
+            origins.append((e.row0 + y, e.col0 + x))
+        coarse = torch.from_numpy(np.stack(ids))
+        logits = e.bundle.refine(images, coarse, origins, steps=e.config.steps, seed=e.config.seed,
+                                 guard_band=e.config.guard_band)
+        log_p = e.log_probs(logits, self.th, self.tw)
+        for (i, x), lp in zip(tiles, log_p):
+            y, c = self.grid.rows[i], x - self.lo
+            self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * self.weights(i, x)
+            self.finish_refine_tile(i)
+        e.stats.tiles += len(tiles)
+        e.stats.tiles_refined += len(tiles)
+        e.advance(e.refine_cost * len(tiles), len(tiles))
+
+    def finish_refine_tile(self, i: int) -> None:
+        start, stop = self.refine.mark(i)
+        if stop > start:
+            ids = self.refine_acc.view(start, stop).argmax(axis=0)
+            self.refine_acc.release(stop)
+            self.emit(start, stop, ids)
+            first_needed = self.grid.rows[self.refine.first_open] if not self.refine.finished else stop
+            self.coarse_ids.release(min(first_needed, stop))
+
+    # ----------------------------------------------------------------- output
+
+    def emit(self, start: int, stop: int, ids: np.ndarray) -> None:
+        """Rows [start, stop) of the block are final: mask nodata, queue for writing."""
+        a, b = self.block.out_start - self.lo, self.block.out_stop - self.lo
+        out = ids[:, a:b].astype(np.uint8)
+        valid = self.valid.view(start, stop)[:, a:b]
+        out[~valid] = NODATA
+        self.out.view(start, stop)[...] = out
+        self.valid.release(stop)
+        self.emitted = stop
+        self.e.class_hist += np.bincount(out.ravel(), minlength=256)
+        self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Write whole 256-row bands (each compressed GeoTIFF block written once), the rest at the end."""
+        ready = self.emitted - self.flushed
+        rows = ready if final else (ready // OUTPUT_BLOCK) * OUTPUT_BLOCK
+        if rows <= 0:
+            return
+        self.e.writer.write(self.out.view(self.flushed, self.flushed + rows), self.flushed, self.block.out_start)
+        self.flushed += rows
+        self.out.release(self.flushed)
+
+    # ----------------------------------------------------------------- schedule
+
+    def run(self) -> None:
+        e = self.e
+        while True:
+            e.check_cancel()
+            if self.refine is not None:
+                self.gather_refine()
+                coarse_left = self.coarse is not None and not self.coarse.exhausted
+                if len(self.pending) >= e.config.batch or (self.pending and not coarse_left):
+                    self.run_refine_batch()
+                    self.drop_strips()
+                    continue
+                if coarse_left:
+                    self.run_coarse_batch()
+                    self.drop_strips()
+                    continue
+                if self.refine.exhausted and not self.pending:
+                    break
+                continue
+            if self.coarse.exhausted:
+                break
+            self.run_coarse_batch()
+            self.drop_strips()
+        self.flush(final=True)
+
+
+def fill_nearest(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Give invalid pixels the id of the nearest valid one, so the refiner sees no fake boundaries there
+    (those pixels are written as nodata anyway)."""
+    if not valid.any():
+        return np.zeros_like(ids)
+    _, (rows, cols) = ndimage.distance_transform_edt(~valid, return_indices=True)
+    return ids[rows, cols]
