@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import re
 import sys
 import time
@@ -183,6 +184,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CANCELLED
     except KeyboardInterrupt:
         print("\nidgbr: interrupted; no output was written.", file=sys.stderr)
+        if argv is None:
+            # Run as the command: the temporary output is already removed, and tearing down torch at
+            # interpreter exit takes over a second, so leave now to stop within the promised 2 s.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(EXIT_CANCELLED)
         return EXIT_CANCELLED
     except IdgbrError as exc:
         print(f"idgbr: error: {exc}", file=sys.stderr)

@@ -80,8 +80,9 @@ class RunResult:
 
 
 def default_batch(device_type: str) -> int:
-    # CPU gains nothing from big batches (threads already fill the cores) but pays in memory.
-    return 8 if device_type == "cuda" else 2
+    # CPU gains nothing from batches (threads already fill the cores), and one tile per batch keeps memory
+    # and the wait for a cancel (checked between batches) small.
+    return 8 if device_type == "cuda" else 1
 
 
 def _check_int(name: str, value: int | None, low: int, high: int, flag: str) -> None:

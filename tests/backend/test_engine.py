@@ -166,6 +166,16 @@ def test_nodata_and_internal_mask_become_255(fake, crop_raster, raster_writer, t
     assert (out[:, 50:] == 255).all() and (out[20:, :50] != 255).all()
 
 
+def test_float_input_with_nan_and_no_nodata(fake, crop_raster, raster_writer, tmp_path):
+    with rasterio.open(crop_raster(48, 40)) as s:
+        data, crs, transform = s.read().astype(np.float32) / 255.0, s.crs, s.transform
+    data[1, :5, :] = np.nan
+    src = raster_writer("float.tif", data, crs=crs, transform=transform)
+    run(RunOptions(input=src, output=tmp_path / "o.tif", mode="segment"))
+    out = read(tmp_path / "o.tif")
+    assert (out[:5] == 255).all() and (out[5:] < 3).all()
+
+
 def test_extent_is_snapped_outward_to_the_grid(fake, crop_raster, tmp_path):
     src = crop_raster(200, 200)
     with rasterio.open(src) as s:

@@ -256,6 +256,11 @@ class _BlockRun:
         y = self.grid.rows[i]
         window = Window(e.col0 + self.lo, e.row0 + y, self.hi - self.lo, self.th)
         pixels, valid = read_pixels(e.src, e.bands, window, e.masked)
+        if pixels.dtype.kind == "f":
+            # NaN or inf without a nodata value: the model cannot use them, treat them as nodata.
+            finite = np.isfinite(pixels).all(axis=0)
+            if not finite.all():
+                valid = finite if valid is None else valid & finite
         if e.coarse_source is not None:
             ids, coarse_valid = e.coarse_source.read(window)
             if not coarse_valid.all():
