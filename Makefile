@@ -50,6 +50,12 @@ package: install
 
 # Runs QGIS's qgis_process with this plugin loaded, e.g.
 #   make qgis-process ARGS="run idgbr:refine -- INPUT=a.tif OUTPUT=b.tif"
+# qgis_process loads only the Python plugins its profile enables: a throwaway profile enables this one
+# (found through QGIS_PLUGINPATH), so the user's own QGIS profile is left alone. Its exit status is make's;
+# nothing else is printed, so ARGS="--json run ..." gives clean JSON on stdout.
+QGIS_PROCESS_PROFILE := $(CURDIR)/build/qgis-process-profile
 qgis-process: install
-	QGIS_PLUGINPATH=$(CURDIR) IDGBR_PYTHON=$(CURDIR)/$(PY) $(QGIS_PROCESS) --skip-loading-plugins $(ARGS) \
-	  || true
+	@mkdir -p "$(QGIS_PROCESS_PROFILE)/profiles/default/QGIS"
+	@printf '[PythonPlugins]\nidgbr_qgis=true\n' > "$(QGIS_PROCESS_PROFILE)/profiles/default/QGIS/QGIS3.ini"
+	@QGIS_CUSTOM_CONFIG_PATH="$(QGIS_PROCESS_PROFILE)" QGIS_PLUGINPATH="$(CURDIR)" \
+	  IDGBR_PYTHON="$${IDGBR_PYTHON:-$(CURDIR)/$(PY)}" $(QGIS_PROCESS) $(ARGS)

@@ -1,0 +1,175 @@
+"""One shared connection per QGIS session to the backend service (a separate Python process with torch).
+
+The manager finds the backend interpreter, starts or connects to `idgbr serve` through
+`backend_client`, hands the client to the toolbox algorithms and the dock, and stops the service on
+unload when this QGIS session started it. Thread-safe: Processing runs algorithms in worker threads.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import os
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
+
+from qgis.core import QgsApplication, QgsSettings
+
+if TYPE_CHECKING:
+    from .backend_client import BackendClient
+
+SETTINGS_PYTHON = "idgbr/python"
+ENV_PYTHON = "IDGBR_PYTHON"
+START_TIMEOUT_S = 60.0
+
+_WINDOWS = sys.platform.startswith("win")
+
+
+class BackendUnavailable(Exception):
+    """No usable backend interpreter or service; the message says what to do."""
+
+
+def venv_python(venv: Path) -> Path:
+    """The interpreter of a virtual environment on this platform."""
+    return venv / ("Scripts/python.exe" if _WINDOWS else "bin/python")
+
+
+def profile_venv() -> Path:
+    """The environment that first-run setup creates inside the QGIS profile."""
+    return Path(QgsApplication.qgisSettingsDirPath()) / "idgbr" / "venv"
+
+
+def dev_checkout_venv() -> Path:
+    """`<repo>/.venv` when the plugin runs from a source checkout (the plugin folder sits in the repo root)."""
+    return Path(__file__).resolve().parent.parent / ".venv"
+
+
+def python_candidates() -> List[Tuple[str, Path, bool]]:
+    """Where the backend interpreter may come from, in priority order: (source, path, explicit).
+
+    Explicit sources (the setting and the environment variable) are what the user chose: when one is set
+    but broken, that is reported instead of silently falling back to another interpreter.
+    """
+    candidates: List[Tuple[str, Path, bool]] = []
+    configured = str(QgsSettings().value(SETTINGS_PYTHON, "") or "").strip()
+    if configured:
+        candidates.append((f"the IDGBR setting '{SETTINGS_PYTHON}'", Path(configured), True))
+    env = os.environ.get(ENV_PYTHON, "").strip()
+    if env:
+        candidates.append((f"the environment variable {ENV_PYTHON}", Path(env), True))
+    candidates.append(("the source checkout's virtual environment", venv_python(dev_checkout_venv()), False))
+    candidates.append(("the environment made by the IDGBR first-run setup", venv_python(profile_venv()), False))
+    return candidates
+
+
+def find_python() -> Tuple[Path, str]:
+    """The backend interpreter and where it was found; BackendUnavailable says how to get one."""
+    for source, path, explicit in python_candidates():
+        if path.is_file():
+            return path, source
+        if explicit:
+            raise BackendUnavailable(
+                f"The backend Python set by {source} does not exist: {path}. "
+                "Choose an existing interpreter in Plugins ▸ IDGBR ▸ Settings…, or clear the setting to use "
+                "the environment made by the first-run setup."
+            )
+    raise BackendUnavailable(
+        "No IDGBR backend is installed yet. Open Plugins ▸ IDGBR ▸ Settings… and run the first-run setup "
+        f"(it creates {profile_venv()} with PyTorch), or point IDGBR at a Python that has the 'idgbr' "
+        f"backend installed (setting '{SETTINGS_PYTHON}' or environment variable {ENV_PYTHON})."
+    )
+
+
+class BackendManager:
+    """The session's backend service: started on first use, reused while alive, restarted after it died."""
+
+    _instance: Optional[BackendManager] = None
+    _instance_lock = threading.Lock()
+
+    def __init__(self, state_dir: Optional[Path] = None, timeout: float = START_TIMEOUT_S,
+                 locate: Callable[[], Tuple[Path, str]] = find_python) -> None:
+        self._state_dir = state_dir
+        self._timeout = timeout
+        self._locate = locate
+        self._lock = threading.RLock()
+        self._client: Optional[BackendClient] = None
+        self._python: Optional[Path] = None
+        self._atexit_registered = False
+
+    @classmethod
+    def instance(cls) -> BackendManager:
+        """The one manager of this QGIS session (shared by the toolbox algorithms and the dock)."""
+        with cls._instance_lock:
+            if cls._instance is None:
+                cls._instance = cls()
+            return cls._instance
+
+    @classmethod
+    def set_instance(cls, manager: Optional[BackendManager]) -> Optional[BackendManager]:
+        """Replace the session's manager (tests, embedding applications); returns the previous one."""
+        with cls._instance_lock:
+            previous, cls._instance = cls._instance, manager
+            return previous
+
+    @property
+    def python(self) -> Optional[Path]:
+        """The interpreter of the current connection, None before the first one."""
+        return self._python
+
+    @property
+    def started_here(self) -> bool:
+        """Whether the current service is this session's child (and so is stopped by `shutdown`)."""
+        with self._lock:
+            return self._client is not None and getattr(self._client, "process", None) is not None
+
+    def is_connected(self) -> bool:
+        """Whether a client exists (it may have died since; `client()` checks)."""
+        with self._lock:
+            return self._client is not None
+
+    def client(self) -> BackendClient:
+        """A live client: the current one when the service answers, else a fresh start or connection.
+
+        Raises BackendUnavailable (no interpreter) or the client's BackendError (start failed), both with
+        a message that names the fix.
+        """
+        from .backend_client import BackendClient, BackendError
+
+        with self._lock:
+            if self._client is not None:
+                try:
+                    self._client.health()
+                    return self._client
+                except BackendError:
+                    # The service died or was stopped: forget it and start a fresh one below.
+                    self._client = None
+            python, _source = self._locate()
+            self._client = BackendClient.start_or_connect(str(python), state_dir=self._state_dir,
+                                                          timeout=self._timeout)
+            self._python = python
+            if self._client.process is not None and not self._atexit_registered:
+                # Standalone PyQGIS scripts never unload the plugin: stop our child when Python exits.
+                atexit.register(self.shutdown)
+                self._atexit_registered = True
+            return self._client
+
+    def forget(self) -> None:
+        """Drop the connection without stopping the service (after a settings change: next use reconnects)."""
+        with self._lock:
+            self._client = None
+            self._python = None
+
+    def shutdown(self) -> None:
+        """Stop the service when this session started it; one started elsewhere (another QGIS, a user's
+        `idgbr serve`) keeps running and is only disconnected."""
+        from .backend_client import BackendError
+
+        with self._lock:
+            client, self._client = self._client, None
+            self._python = None
+        if client is None or client.process is None:
+            return
+        with contextlib.suppress(BackendError):  # already gone: nothing left to stop
+            client.shutdown()

@@ -1,0 +1,1 @@
+"""The IDGBR Processing provider and its algorithms (toolbox, modeler, batch mode, qgis_process)."""

@@ -1,0 +1,50 @@
+"""Style the algorithms' outputs when QGIS loads them: paletted raster and categorized polygons."""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Deque, Dict, List
+
+from qgis.core import (
+    QgsMapLayer,
+    QgsProcessingContext,
+    QgsProcessingFeedback,
+    QgsProcessingLayerPostProcessorInterface,
+    QgsRasterLayer,
+    QgsVectorLayer,
+)
+
+from ..styling import apply_class_style, categorized_renderer
+
+# QGIS keeps only a raw pointer to a post-processor: Python must hold the object until QGIS has called it
+# (after the algorithm, in the main thread). The last runs' processors are kept; they are small.
+_ALIVE: Deque[ClassStyle] = deque(maxlen=1000)
+
+
+class ClassStyle(QgsProcessingLayerPostProcessorInterface):
+    """Applies the model card's class names and colours to an output layer."""
+
+    def __init__(self, classes: List[Dict[str, Any]]) -> None:
+        super().__init__()
+        self.classes = classes
+
+    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> None:
+        try:
+            if isinstance(layer, QgsRasterLayer):
+                apply_class_style(layer, self.classes)
+            elif isinstance(layer, QgsVectorLayer):
+                layer.setRenderer(categorized_renderer(self.classes))
+                layer.triggerRepaint()
+        except ValueError as exc:  # a broken class table: keep QGIS's default style, say why
+            feedback.reportError(f"Could not style {layer.name()} with the model's classes: {exc}")
+
+
+def style_on_load(context: QgsProcessingContext, output: str, classes: List[Dict[str, Any]]) -> bool:
+    """Attach a ClassStyle to ``output`` when QGIS will load it; returns whether it will be styled."""
+    if not output or not classes or not context.willLoadLayerOnCompletion(output):
+        return False
+    processor = ClassStyle(classes)
+    _ALIVE.append(processor)
+    context.layerToLoadOnCompletionDetails(output).setPostProcessor(processor)
+    return True

@@ -1,0 +1,34 @@
+"""`idgbr:refine` — sharpen the class boundaries of a coarse class map with the diffusion refiner."""
+
+from __future__ import annotations
+
+from .algorithm import IdgbrAlgorithm
+
+
+class RefineAlgorithm(IdgbrAlgorithm):
+    MODE = "refine"
+    OUTPUT_LABEL = "Refined classes"
+
+    def name(self) -> str:
+        return "refine"
+
+    def displayName(self) -> str:
+        return "IDGBR Refine"
+
+    def shortDescription(self) -> str:
+        return "Classifies a raster and sharpens the class boundaries with a diffusion refiner."
+
+    def shortHelpString(self) -> str:
+        return (
+            "<p>Turns a coarse class map into one with accurate boundaries. The coarse map comes from the "
+            "bundled segmenter, or from <b>any</b> other model or classification (<i>Coarse class map</i>). A "
+            "guidance network reads the image and the coarse map; a small diffusion model redraws the map near "
+            "the class boundaries in a few denoising steps.</p>"
+            "<p><b>Output</b>: a GeoTIFF of class ids on exactly the input's pixel grid and CRS, opened with the "
+            "model's class names and colours; optionally the class polygons with <i>class_id</i> and "
+            "<i>class_name</i>.</p>"
+            "<p><b>Tips</b>: set an <i>Extent</i> (in any CRS) to try a small area first. Fewer <i>diffusion "
+            "steps</i> are faster. Web and virtual layers are copied to a temporary GeoTIFF first. The work runs "
+            "in the IDGBR backend (a separate Python with PyTorch, set up from Plugins ▸ IDGBR ▸ Settings…), "
+            "on the GPU when its PyTorch can use one.</p>"
+        )

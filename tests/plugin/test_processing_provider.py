@@ -1,0 +1,223 @@
+"""The provider and its algorithms as QGIS sees them: ids, parameters, help, flags, styling helpers, and the
+copy of layers the backend cannot open. No backend service needed."""
+
+from __future__ import annotations
+
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from qgis.core import (
+    QgsApplication,
+    QgsCoordinateReferenceSystem,
+    QgsCoordinateTransformContext,
+    QgsPalettedRasterRenderer,
+    QgsProcessingAlgorithm,
+    QgsProcessingException,
+    QgsRasterLayer,
+    QgsRectangle,
+)
+
+from idgbr_qgis.processing import sources
+from idgbr_qgis.styling import apply_class_style, categorized_renderer, class_data
+
+REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "GUARD_BAND", "DEVICE", "OUTPUT",
+                     "OUTPUT_POLYGONS"]
+CLASSES = [{"id": 0, "name": "water", "color": "#E2A929"}, {"id": 2, "name": "road", "color": "#6EC1E4"},
+           {"id": 1, "name": "land", "color": "#8429F6"}]
+
+
+def test_provider_lists_both_algorithms(idgbr_provider):
+    registry = QgsApplication.processingRegistry()
+    provider = registry.providerById("idgbr")
+    assert provider.name() == "IDGBR"
+    assert not provider.icon().isNull()
+    assert {a.id() for a in provider.algorithms()} == {"idgbr:refine", "idgbr:segment"}
+    assert provider.supportedOutputRasterLayerExtensions() == ["tif"]
+
+
+def test_refine_parameters_help_and_flags(idgbr_provider):
+    alg = QgsApplication.processingRegistry().algorithmById("idgbr:refine")
+    assert alg.displayName() == "IDGBR Refine"
+    assert [p.name() for p in alg.parameterDefinitions()] == REFINE_PARAMETERS
+    for parameter in alg.parameterDefinitions():
+        assert parameter.help(), f"{parameter.name()} has no help text"
+    optional = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagOptional}
+    assert optional == {"BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "GUARD_BAND", "OUTPUT_POLYGONS"}
+    assert alg.parameterDefinition("DEVICE").options() == ["auto", "cpu", "cuda"]
+    assert alg.parameterDefinition("BANDS").allowMultiple()
+    # Runs in the Processing worker thread, cancellable, usable in batch mode.
+    assert not alg.flags() & QgsProcessingAlgorithm.FlagNoThreading
+    assert alg.flags() & QgsProcessingAlgorithm.FlagCanCancel
+    assert alg.flags() & QgsProcessingAlgorithm.FlagSupportsBatch
+    assert "boundar" in alg.shortHelpString()
+    assert alg.group() and not alg.icon().isNull()
+    assert {o.name() for o in alg.outputDefinitions()} == {"OUTPUT", "OUTPUT_POLYGONS"}
+
+
+def test_segment_has_no_refiner_parameters(idgbr_provider):
+    alg = QgsApplication.processingRegistry().algorithmById("idgbr:segment")
+    names = [p.name() for p in alg.parameterDefinitions()]
+    assert names == ["INPUT", "BANDS", "MODEL", "EXTENT", "DEVICE", "OUTPUT", "OUTPUT_POLYGONS"]
+
+
+def test_output_must_be_geotiff(idgbr_provider, sample_raster, tmp_path):
+    import processing
+
+    with pytest.raises(QgsProcessingException, match=r"GeoTIFF.*\.tif"):
+        processing.run("idgbr:refine", {"INPUT": str(sample_raster), "OUTPUT": str(tmp_path / "out.png")})
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_missing_backend_is_explained(idgbr_provider, sample_raster, tmp_path):
+    """Without a backend interpreter the run fails with the way to set one up, and writes nothing."""
+    import processing
+
+    from idgbr_qgis.backend import BackendManager, BackendUnavailable
+
+    def locate():
+        raise BackendUnavailable("No IDGBR backend is installed yet. Open Plugins ▸ IDGBR ▸ Settings…")
+
+    previous = BackendManager.set_instance(BackendManager(locate=locate))
+    try:
+        with pytest.raises(QgsProcessingException, match="backend is not available.*Settings"):
+            processing.run("idgbr:refine", {"INPUT": str(sample_raster), "OUTPUT": str(tmp_path / "o.tif")})
+    finally:
+        BackendManager.set_instance(previous)
+    assert not (tmp_path / "o.tif").exists()
+
+
+def test_explicit_python_setting_that_does_not_exist(monkeypatch, tmp_path):
+    from qgis.core import QgsSettings
+
+    from idgbr_qgis import backend
+
+    settings = QgsSettings()
+    old = settings.value(backend.SETTINGS_PYTHON)
+    settings.setValue(backend.SETTINGS_PYTHON, str(tmp_path / "nowhere" / "python"))
+    try:
+        with pytest.raises(backend.BackendUnavailable, match="does not exist.*Settings"):
+            backend.find_python()
+    finally:
+        if old is None:
+            settings.remove(backend.SETTINGS_PYTHON)
+        else:
+            settings.setValue(backend.SETTINGS_PYTHON, old)
+    monkeypatch.setenv(backend.ENV_PYTHON, sys.executable)
+    path, source = backend.find_python()
+    assert path == Path(sys.executable) and backend.ENV_PYTHON in source
+
+
+def test_python_candidates_order(monkeypatch):
+    from idgbr_qgis import backend
+
+    monkeypatch.setenv(backend.ENV_PYTHON, "/somewhere/python")
+    sources_ = [source for source, _path, _explicit in backend.python_candidates()]
+    assert backend.ENV_PYTHON in sources_[0] or "setting" in sources_[0]
+    assert "checkout" in sources_[-2] and "first-run setup" in sources_[-1]
+    assert backend.python_candidates()[-1][1].parent.parent == backend.profile_venv()
+
+
+# ----------------------------------------------------------------------------------------------------- styling
+
+
+def test_paletted_renderer_from_card_classes(sample_labels, load_raster):
+    layer = load_raster(sample_labels, "labels")
+    apply_class_style(layer, CLASSES)
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsPalettedRasterRenderer)
+    assert [(c.value, c.label, c.color.name().upper()) for c in renderer.classes()] == [
+        (0, "water", "#E2A929"), (1, "land", "#8429F6"), (2, "road", "#6EC1E4")]
+
+
+@pytest.mark.parametrize("bad, message", [
+    ([], "empty"),
+    ([{"id": 0, "name": "a"}], "needs an integer 'id'"),
+    ([{"id": 0, "name": "a", "color": "not-a-colour"}], "invalid colour"),
+    ([{"id": 0, "name": "a", "color": "#000000"}, {"id": 0, "name": "b", "color": "#FFFFFF"}], "twice"),
+])
+def test_bad_class_tables_are_named(bad, message):
+    with pytest.raises(ValueError, match=message):
+        class_data(bad)
+
+
+def test_categorized_polygon_style():
+    renderer = categorized_renderer(CLASSES)
+    assert renderer.classAttribute() == "class_id"
+    assert [c.label() for c in renderer.categories()] == ["water", "land", "road"]
+
+
+# ----------------------------------------------------------------------------------- layers the backend can't open
+
+
+def test_plain_file_passes_through(sample_raster, load_raster):
+    assert sources.plain_file(load_raster(sample_raster)) == sample_raster
+
+
+def test_zipped_layer_is_copied_on_its_own_grid(sample_raster, tmp_path, load_raster):
+    archive = tmp_path / "sample.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(sample_raster, "inner.tif")
+    layer = load_raster(f"/vsizip/{archive}/inner.tif", "zipped")
+    assert sources.plain_file(layer) is None
+    source = sources.describe(layer)
+    # A window that does not fall on pixel edges: the copy snaps outwards to the layer's own grid.
+    wanted = QgsRectangle(320010.2, 2789890.3, 320050.1, 2789950.9)
+    copy = sources.export(source, tmp_path / "copy.tif", wanted, 0.5, QgsCoordinateTransformContext())
+    copied = load_raster(copy, "copy")
+    assert copied.crs().authid() == "EPSG:32640"
+    assert copied.bandCount() == 3
+    assert copied.rasterUnitsPerPixelX() == pytest.approx(0.5)
+    extent = copied.extent()
+    assert (extent.xMinimum(), extent.yMaximum()) == pytest.approx((320010.0, 2789951.0))
+    assert (copied.width(), copied.height()) == (81, 122)
+    # Pixel values are copied, not resampled: the same block as the original at the same place.
+    original = load_raster(sample_raster, "original")
+    a = original.dataProvider().block(2, extent, copied.width(), copied.height())
+    b = copied.dataProvider().block(2, extent, copied.width(), copied.height())
+    assert bytes(a.data()) == bytes(b.data())
+
+
+def test_copy_of_extent_outside_layer_names_the_problem(sample_raster, tmp_path, load_raster):
+    archive = tmp_path / "s.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(sample_raster, "inner.tif")
+    source = sources.describe(load_raster(f"/vsizip/{archive}/inner.tif"))
+    with pytest.raises(QgsProcessingException, match="does not overlap the layer"):
+        sources.export(source, tmp_path / "c.tif", QgsRectangle(0, 0, 10, 10), 0.5, QgsCoordinateTransformContext())
+    assert not (tmp_path / "c.tif").exists()
+
+
+def test_web_layer_window_uses_ground_pixel_size():
+    """A tile layer has no pixel grid: its copy samples the extent at the model's size in metres."""
+    mercator = QgsCoordinateReferenceSystem("EPSG:3857")
+    source = sources.RasterSource(name="tiles", crs=mercator, extent=QgsRectangle(-2e7, -2e7, 2e7, 2e7),
+                                  width=0, height=0)
+    # ~100 m box near Dubai (25.2° N): Web Mercator metres are 1/cos(lat) larger than ground metres.
+    box = QgsRectangle(6_130_000, 2_900_000, 6_130_110.6, 2_900_110.6)
+    rect, columns, rows = sources.web_window(source, box, 0.5, QgsCoordinateTransformContext())
+    assert rect == box
+    assert columns == pytest.approx(200, abs=3) and rows == pytest.approx(200, abs=3)
+    with pytest.raises(QgsProcessingException, match="set EXTENT"):
+        sources.web_window(source, None, 0.5, QgsCoordinateTransformContext())
+    with pytest.raises(QgsProcessingException, match="smaller EXTENT"):
+        sources.web_window(source, QgsRectangle(6e6, 2e6, 6.2e6, 2.2e6), 0.5, QgsCoordinateTransformContext())
+
+
+def test_layer_with_crs_set_in_qgis_is_copied(tmp_path, sample_raster, load_raster):
+    """A file without a CRS, given one inside QGIS: the backend must get a copy that carries it."""
+    from osgeo import gdal
+
+    bare = tmp_path / "bare.tif"
+    memory = gdal.Translate("", str(sample_raster), format="MEM", srcWin=[0, 0, 64, 64])
+    memory.SetProjection("")
+    gdal.GetDriverByName("GTiff").CreateCopy(str(bare), memory)
+    memory = None
+    layer = QgsRasterLayer(str(bare), "bare", "gdal")
+    assert layer.isValid()
+    layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32640"))
+    assert sources.plain_file(layer) is None
+    copy = sources.export(sources.describe(layer), tmp_path / "with_crs.tif", None, 0.5,
+                          QgsCoordinateTransformContext())
+    assert load_raster(copy).crs().authid() == "EPSG:32640"
