@@ -7,6 +7,7 @@ messages, cancel.
 
 from __future__ import annotations
 
+import math
 import zipfile
 from pathlib import Path
 
@@ -120,6 +121,37 @@ def test_extent_in_another_crs_lands_on_the_input_grid(sample_raster, tmp_path):
     assert covered.yMinimum() - bottom < PIXEL + 1e-6 and top - covered.yMaximum() < PIXEL + 1e-6
 
 
+def test_runs_in_a_background_task_like_the_toolbox(sample_raster, tmp_path):
+    """The toolbox runs algorithms in a QgsTask: the main thread keeps serving events meanwhile."""
+    import time
+
+    from qgis.core import QgsApplication, QgsProcessingAlgRunnerTask
+    from qgis.PyQt.QtCore import QCoreApplication, QTimer
+
+    alg = QgsApplication.processingRegistry().createAlgorithmById("idgbr:refine")
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    feedback = QgsProcessingFeedback()
+    out = tmp_path / "task.tif"
+    task = QgsProcessingAlgRunnerTask(alg, {"INPUT": str(sample_raster), "EXTENT": SMALL, "STEPS": 1,
+                                            "OUTPUT": str(out)}, context, feedback)
+    done: dict = {}
+    task.executed.connect(lambda ok, results: done.update(ok=ok, results=results))
+    ticks = []
+    timer = QTimer()
+    timer.timeout.connect(lambda: ticks.append(1))
+    timer.start(20)
+    QgsApplication.taskManager().addTask(task)
+    deadline = time.monotonic() + 240
+    while not done and time.monotonic() < deadline:
+        QCoreApplication.processEvents()
+        time.sleep(0.01)
+    timer.stop()
+    assert done.get("ok"), done
+    assert Path(done["results"]["OUTPUT"]) == out and out.is_file()
+    assert len(ticks) >= 3  # the main thread was never blocked for the whole run
+
+
 def test_loaded_output_has_paletted_style_with_class_names(sample_raster, tmp_path, card_classes):
     import processing
 
@@ -198,6 +230,32 @@ def test_layer_inside_an_archive_is_copied_first(sample_raster, tmp_path):
     processing.run("idgbr:refine", {"INPUT": layer, "STEPS": 1, "OUTPUT": str(out)}, context=context,
                    feedback=QgsProcessingFeedback())
     assert grid(out) == grid(crop)
+
+
+def test_web_tile_layer_is_copied_at_the_model_pixel_size(sample_raster, tmp_path):
+    """An XYZ tile layer (local tiles, no network): rendered to a temporary GeoTIFF of the extent first."""
+    import subprocess
+    import sys
+
+    tiles = tmp_path / "tiles"
+    subprocess.run([sys.executable, "-m", "osgeo_utils.gdal2tiles", "-q", "-z", "18", "--xyz", "-w", "none",
+                    "--processes=1", str(sample_raster), str(tiles)], check=True, timeout=120)
+    url = (tiles.as_uri() + "/{z}/{x}/{y}.png").replace("{", "%7B").replace("}", "%7D")
+    layer = QgsRasterLayer(f"type=xyz&url={url}&zmin=0&zmax=18", "tiles", "wms")
+    assert layer.isValid()
+    context = QgsProcessingContext()
+    context.setProject(QgsProject.instance())
+    out = tmp_path / "from_tiles.tif"
+    import processing
+
+    processing.run("idgbr:refine", {"INPUT": layer, "EXTENT": SMALL, "STEPS": 1, "OUTPUT": str(out)},
+                   context=context, feedback=QgsProcessingFeedback())
+    crs, transform, columns, rows = grid(out)
+    assert crs == "EPSG:3857"
+    # 0.5 m on the ground is 0.5 / cos(latitude) Web Mercator units at Dubai (25.2° N).
+    assert transform[1] == pytest.approx(0.5 / math.cos(math.radians(25.2)), rel=0.02)
+    # The 64 m box, a little larger once reprojected: about 128 px and never much more.
+    assert 125 <= columns <= 140 and 125 <= rows <= 140
 
 
 class CancelOnProgress(QgsProcessingFeedback):
