@@ -1,0 +1,1 @@
+"""Dock widget, map tool and dialogs of the IDGBR plugin."""

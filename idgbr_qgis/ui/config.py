@@ -1,0 +1,127 @@
+"""The dock's persistent settings (QgsSettings) and the bundled models' cards, read without torch.
+
+The backend interpreter setting belongs to `idgbr_qgis.backend` (SETTINGS_PYTHON); the keys here are the
+ones only the dock and the settings dialog use.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from qgis.core import QgsApplication, QgsSettings
+
+KEY_DEVICE = "idgbr/device"
+KEY_MODEL = "idgbr/model"
+KEY_STEPS = "idgbr/steps"
+KEY_GUARD_BAND = "idgbr/guard_band"
+KEY_OUTPUT_DIR = "idgbr/output_dir"
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+DEFAULT_MODEL = "dubai5"
+MODEL_DEFAULT = -1  # steps / guard band: take the model card's value
+MAX_STEPS = 50
+MAX_GUARD_BAND = 256
+
+
+def plugin_dir() -> Path:
+    return Path(__file__).resolve().parent.parent
+
+
+def models_dir() -> Path:
+    """The bundled weights: <plugin>/resources/models (a symlink to the repo's resources in a checkout)."""
+    return plugin_dir() / "resources" / "models"
+
+
+def bundled_models() -> Dict[str, Path]:
+    """{name: path} of the bundled .safetensors models."""
+    folder = models_dir()
+    return {p.stem: p for p in sorted(folder.glob("*.safetensors"))} if folder.is_dir() else {}
+
+
+def model_file(model: str) -> Optional[Path]:
+    """The file of a model setting: a bundled name or a path; None when it does not exist."""
+    if not model:
+        model = DEFAULT_MODEL
+    bundled = bundled_models()
+    if model in bundled:
+        return bundled[model]
+    path = Path(model)
+    return path if path.suffix.lower() == ".safetensors" and path.is_file() else None
+
+
+def read_model_card(path: Path) -> Dict[str, Any]:
+    """The JSON model card in a safetensors header (8-byte length, JSON header); {} when there is none.
+
+    Only the header is read, with the standard library: the plugin never loads weights.
+    """
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if length <= 0 or length > 100_000_000:
+                return {}
+            header = json.loads(fh.read(length).decode("utf-8"))
+        raw = (header.get("__metadata__") or {}).get("idgbr_card")
+        card = json.loads(raw) if raw else {}
+        return card if isinstance(card, dict) else {}
+    except (OSError, ValueError, struct.error, AttributeError):
+        return {}
+
+
+def default_output_dir() -> Path:
+    return Path(QgsApplication.qgisSettingsDirPath()) / "idgbr" / "results"
+
+
+@dataclass
+class UserSettings:
+    """What the user chose, persisted between QGIS sessions."""
+
+    device: str = "auto"
+    model: str = DEFAULT_MODEL
+    steps: int = MODEL_DEFAULT
+    guard_band: int = MODEL_DEFAULT
+    output_dir: str = ""
+
+    @classmethod
+    def load(cls, settings: Optional[QgsSettings] = None) -> UserSettings:
+        s = settings or QgsSettings()
+        device = str(s.value(KEY_DEVICE, "auto") or "auto")
+        return cls(
+            device=device if device in DEVICES else "auto",
+            model=str(s.value(KEY_MODEL, DEFAULT_MODEL) or DEFAULT_MODEL),
+            steps=_int(s.value(KEY_STEPS, MODEL_DEFAULT), MODEL_DEFAULT, MAX_STEPS),
+            guard_band=_int(s.value(KEY_GUARD_BAND, MODEL_DEFAULT), MODEL_DEFAULT, MAX_GUARD_BAND),
+            output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
+        )
+
+    def save(self, settings: Optional[QgsSettings] = None) -> None:
+        s = settings or QgsSettings()
+        s.setValue(KEY_DEVICE, self.device)
+        s.setValue(KEY_MODEL, self.model)
+        s.setValue(KEY_STEPS, int(self.steps))
+        s.setValue(KEY_GUARD_BAND, int(self.guard_band))
+        s.setValue(KEY_OUTPUT_DIR, self.output_dir)
+
+    def results_dir(self) -> Path:
+        return Path(self.output_dir) if self.output_dir else default_output_dir()
+
+    def job_model(self) -> str:
+        """The job's `model` field: a bundled name the service knows, or an absolute path."""
+        if self.model in bundled_models() or not self.model:
+            return self.model or DEFAULT_MODEL
+        return str(Path(self.model).resolve())
+
+
+def _int(value: Any, low: int, high: int) -> int:
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        return low
+    return max(low, min(high, number))
+
+
+def model_choices() -> List[str]:
+    return list(bundled_models())

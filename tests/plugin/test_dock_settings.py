@@ -1,0 +1,130 @@
+"""The settings dialog: values persist in QgsSettings, bad values are refused, "Test backend" reports."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from qgis.core import QgsSettings
+from qgis.PyQt.QtWidgets import QApplication
+
+from idgbr_qgis.backend import SETTINGS_PYTHON, BackendManager, BackendUnavailable
+from idgbr_qgis.ui import config
+from idgbr_qgis.ui.settings_dialog import SettingsDialog, describe_health
+
+KEYS = (SETTINGS_PYTHON, config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_GUARD_BAND,
+        config.KEY_OUTPUT_DIR)
+
+
+@pytest.fixture
+def keep_settings():
+    settings = QgsSettings()
+    saved = {key: settings.value(key, None) for key in KEYS}
+    yield settings
+    for key, value in saved.items():
+        if value is None:
+            settings.remove(key)
+        else:
+            settings.setValue(key, value)
+
+
+def _no_backend():
+    raise BackendUnavailable("none here")
+
+
+def _wait(results: list, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not results:
+        assert time.monotonic() < deadline, "timed out waiting for the backend test"
+        QApplication.processEvents()
+        time.sleep(0.02)
+
+
+def test_values_persist_and_the_manager_reconnects_after_an_interpreter_change(keep_settings, tmp_path):
+    forgotten: list[bool] = []
+
+    class Manager(BackendManager):
+        def forget(self) -> None:
+            forgotten.append(True)
+
+    dialog = SettingsDialog(Manager(locate=_no_backend))
+    dialog.pythonWidget.setFilePath(sys.executable)
+    dialog.deviceCombo.setCurrentIndex(dialog.deviceCombo.findData("cpu"))
+    dialog.modelCombo.setCurrentIndex(dialog.modelCombo.findData("roads2"))
+    dialog.stepsSpin.setValue(6)
+    dialog.outputWidget.setFilePath(str(tmp_path))
+    dialog.accept()
+    assert dialog.result() == dialog.Accepted
+    assert keep_settings.value(SETTINGS_PYTHON) == sys.executable
+    user = config.UserSettings.load()
+    assert (user.device, user.model, user.steps, user.output_dir) == ("cpu", "roads2", 6, str(tmp_path))
+    assert forgotten == [True]
+    # A fresh dialog shows what was saved.
+    again = SettingsDialog(Manager(locate=_no_backend))
+    assert again.python_path() == sys.executable
+    assert again.deviceCombo.currentData() == "cpu" and again.model_value() == "roads2"
+    assert again.stepsSpin.value() == 6
+    again.reject()
+
+
+def test_bad_values_are_refused_with_the_fix(keep_settings, tmp_path):
+    dialog = SettingsDialog(BackendManager(locate=_no_backend))
+    dialog.pythonWidget.setFilePath(str(tmp_path / "missing" / "python"))
+    dialog.accept()
+    assert dialog.result() != dialog.Accepted
+    assert "does not exist" in dialog.testLabel.text()
+    dialog.pythonWidget.setFilePath("")
+    dialog.modelCombo.setCurrentIndex(dialog.modelCombo.findData("__other__"))
+    dialog.modelFile.setFilePath(str(tmp_path / "nope.safetensors"))
+    assert "does not exist" in (dialog.validate() or "")
+    dialog.reject()
+
+
+def test_test_backend_reports_torch_device_and_gpu(keep_settings, idgbr_backend):
+    dialog = SettingsDialog(idgbr_backend)
+    dialog.pythonWidget.setFilePath(str(idgbr_backend.python))
+    results: list[tuple[bool, str]] = []
+    dialog.testFinished.connect(lambda ok, text: results.append((ok, text)))
+    dialog.test_backend()
+    _wait(results, 180)
+    ok, text = results[-1]
+    assert ok, text
+    assert "torch" in text and "Device:" in text and "GPU:" in text
+    assert text == dialog.testLabel.text()
+    dialog.reject()
+
+
+def test_test_backend_with_a_python_without_the_backend_says_so(keep_settings, tmp_path):
+    # A virtual environment without torch or the backend: the test must fail with the reason.
+    import venv
+
+    bare = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(bare)
+    python = bare / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
+    dialog = SettingsDialog(BackendManager(locate=_no_backend))
+    dialog.pythonWidget.setFilePath(str(python))
+    results: list[tuple[bool, str]] = []
+    dialog.testFinished.connect(lambda ok, text: results.append((ok, text)))
+    dialog.test_backend()
+    _wait(results, 120)
+    ok, text = results[-1]
+    assert not ok
+    assert "Test failed" in text and ("torch" in text or "idgbr" in text)
+    dialog.reject()
+
+
+def test_health_is_described_for_gpu_and_cpu():
+    gpu = describe_health({"torch": "2.3.1", "torch_cuda": "12.1", "device": "cuda", "device_name": "NVIDIA A10"})
+    assert "torch 2.3.1 (CUDA 12.1)" in gpu and "Device: CUDA" in gpu and "GPU: NVIDIA A10" in gpu
+    cpu = describe_health({"torch": "2.13.0+cpu", "device": "cpu", "device_reason": "this torch build has no CUDA"})
+    assert "Device: CPU" in cpu and "GPU: —" in cpu and "no CUDA" in cpu
+
+
+def test_model_choices_come_from_the_bundled_files():
+    names = config.model_choices()
+    assert "dubai5" in names
+    card = config.read_model_card(config.bundled_models()["dubai5"])
+    assert card["classes"] and card["name"] == "dubai5"
+    assert config.read_model_card(Path(__file__)) == {}
