@@ -26,6 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "dubai-aerial"
 TARGET_S_PER_MP = 2.0
 TARGET_RSS_GB = 1.5
+KEEP_MARKER = "<!-- bench: sections below are kept when the report is rewritten -->"
 CELL = 1024  # mosaic cells: whole 1024 px crops of real images, so most edges in the mosaic are real ones
 
 
@@ -279,7 +280,11 @@ def run_bench(args: argparse.Namespace) -> int:
                 "mosaic_size": args.mosaic_size, "large_size": args.large_size, "large_rows": args.large_rows}
     text = render_report(rows, machine, card, (seg_flops, full_flops), settings)
     if args.report:
-        write_report(Path(args.report), text)
+        report = Path(args.report)
+        old = report.read_text(encoding="utf-8") if report.is_file() else ""
+        if KEEP_MARKER in old:  # results from other machines (e.g. a GPU run) stay in the file
+            text = text.rstrip("\n") + "\n\n" + old[old.index(KEEP_MARKER):]
+        write_report(report, text)
     if not args.quiet:
         print(text)
     return 0
@@ -312,6 +317,12 @@ if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         print(json.dumps(child_main(json.loads(sys.argv[2]))))
         sys.exit(0)
-    from .cli import main
-
-    sys.exit(main(["bench", *sys.argv[1:]]))
+    # Only this subcommand, so the benchmark also runs where the service's or trainer's extras are missing.
+    top = argparse.ArgumentParser(prog="python -m idgbr.bench")
+    register_cli(top.add_subparsers(dest="command", required=True))
+    parsed = top.parse_args(["bench", *sys.argv[1:]])
+    try:
+        sys.exit(parsed.func(parsed))
+    except IdgbrError as exc:
+        print(f"idgbr: error: {exc}", file=sys.stderr)
+        sys.exit(1)
