@@ -76,13 +76,15 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                         help="process only this area, snapped outward to the pixel grid")
     parser.add_argument("--extent-crs", metavar="CRS",
                         help="CRS of --extent, e.g. EPSG:4326 (default: the raster's CRS)")
-    parser.add_argument("--tile", type=int, metavar="N", help="tile size in pixels (default: the model card's)")
+    parser.add_argument("--tile", type=int, metavar="N",
+                        help="largest tile size in pixels; tiles are spread evenly and shrink to fit, rounded to "
+                             "the model's size multiple (default: the model card's)")
     parser.add_argument("--overlap", type=int, metavar="N",
                         help="overlap between tiles in pixels, blended (default: the model card's)")
     if refine:
         parser.add_argument("--guard-band", type=int, metavar="PX",
-                            help="only pixels within PX of a coarse class boundary may change "
-                                 "(default: the model card's)")
+                            help="only pixels within PX of a coarse class boundary may change; 0 lets "
+                                 "the refiner change any pixel of a tile it refines (default: the model card's)")
         parser.add_argument("--seed", type=int, default=0, metavar="N",
                             help="seed of the diffusion noise; results are reproducible per seed (default 0)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
