@@ -48,6 +48,10 @@ bench: install
 package: install
 	$(PY) tools/package_plugin.py --out dist
 
+# The real QGIS window under Xvfb with the dock, a drawn extent and the refined layer -> docs/images/dock.png
+screenshot: install
+	$(PY) tools/screenshot.py --out docs/images/dock.png
+
 # Runs QGIS's qgis_process with this plugin loaded, e.g.
 #   make qgis-process ARGS="run idgbr:refine -- INPUT=a.tif OUTPUT=b.tif"
 # qgis_process loads only the Python plugins its profile enables: a throwaway profile enables this one
