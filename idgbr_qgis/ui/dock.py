@@ -44,6 +44,7 @@ from qgis.PyQt.QtWidgets import (
 from ..processing import sources
 from ..styling import apply_class_style, classes_from_color_table
 from . import config
+from .device import describe_device
 from .extent_tool import ExtentMapTool
 from .refine_task import RefineTask, RunOutcome, RunRequest
 
@@ -555,21 +556,6 @@ class IdgbrDock(QgsDockWidget):
 def _health(task: QgsTask, manager: Any) -> Dict[str, Any]:
     """Worker thread: a live client (starting the service if needed) and its /health."""
     return manager.client().health()
-
-
-def describe_device(health: Dict[str, Any]) -> Tuple[str, str]:
-    """(label, tooltip) for the device in `/health`: the GPU's name, or CPU and why."""
-    torch_version = health.get("torch") or "?"
-    device = str(health.get("device") or "cpu")
-    name = health.get("device_name")
-    if device == "cuda":
-        return f"Device: GPU — {name or 'CUDA'}", f"torch {torch_version}, CUDA {health.get('torch_cuda') or '?'}"
-    if device == "mps":
-        return f"Device: {name or 'Apple GPU (MPS)'}", f"torch {torch_version}"
-    reason = str(health.get("device_reason") or "")
-    short = re.sub(r"^torch\.cuda\.is_available\(\) is False:\s*", "", reason)
-    short = re.sub(r"\s*\(.*\)$", "", short)
-    return (f"Device: CPU — {short}" if short else "Device: CPU"), f"torch {torch_version}. {reason}".strip()
 
 
 def _safe_name(name: str) -> str:

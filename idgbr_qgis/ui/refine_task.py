@@ -105,6 +105,7 @@ class RefineTask(QgsTask):
             return
         except BackendError as exc:
             self.outcome.error = f"The IDGBR backend could not start: {exc}"
+            self.outcome.setup_needed = True  # a broken interpreter is fixed by the setup too
             return
         if self.isCanceled():
             return

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -358,6 +359,28 @@ def test_no_backend_installed_offers_the_setup(qgis_iface, project, dock_setting
         assert not widget.setupButton.isHidden()
         assert QgsProject.instance().layerTreeRoot().findGroup("dubai — IDGBR") is None
         assert widget.runButton.isEnabled()
+    finally:
+        widget.shutdown()
+        widget.deleteLater()
+
+
+def test_backend_that_cannot_start_is_reported_with_the_fix(qgis_iface, project, dock_settings, sample_raster,
+                                                            tmp_path):
+    import venv
+
+    bare = tmp_path / "bare"
+    venv.EnvBuilder(with_pip=False).create(bare)  # a Python without torch or the backend
+    python = bare / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
+    widget = make_dock(qgis_iface, BackendManager(state_dir=tmp_path / "state", locate=lambda: (python, "test")))
+    try:
+        widget.layerCombo.setLayer(add_sample(sample_raster))
+        widget.set_extent_mode("view")
+        ok, message = run_and_wait(widget, 120)
+        assert not ok and "could not start" in message
+        assert "set up the backend" in message.lower() or "setup" in message.lower()
+        assert not widget.setupButton.isHidden()
+        assert QgsProject.instance().layerTreeRoot().findGroup("dubai — IDGBR") is None
+        assert list(dock_settings.glob("*.tif")) == []
     finally:
         widget.shutdown()
         widget.deleteLater()

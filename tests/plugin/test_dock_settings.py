@@ -122,6 +122,19 @@ def test_health_is_described_for_gpu_and_cpu():
     assert "Device: CPU" in cpu and "GPU: —" in cpu and "no CUDA" in cpu
 
 
+def test_device_label_names_the_gpu_or_why_cpu():
+    from idgbr_qgis.ui.device import describe_device
+
+    label, tip = describe_device({"torch": "2.5.1", "torch_cuda": "12.1", "device": "cuda",
+                                  "device_name": "NVIDIA RTX 4000 Ada"})
+    assert label == "Device: GPU — NVIDIA RTX 4000 Ada" and "CUDA 12.1" in tip
+    label, tip = describe_device({"torch": "2.13.0+cpu", "device": "cpu", "device_reason": (
+        "torch.cuda.is_available() is False: this torch build has no CUDA support (install a CUDA build of torch "
+        "to use an NVIDIA GPU)")})
+    assert label == "Device: CPU — this torch build has no CUDA support"
+    assert "install a CUDA build" in tip
+
+
 def test_model_choices_come_from_the_bundled_files():
     names = config.model_choices()
     assert "dubai5" in names

@@ -1,0 +1,21 @@
+"""The backend's compute device in words, from its `/health` answer (no Qt: also usable outside QGIS)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Dict, Tuple
+
+
+def describe_device(health: Dict[str, Any]) -> Tuple[str, str]:
+    """(label, tooltip) for the device in `/health`: the GPU's name, or CPU and why."""
+    torch_version = health.get("torch") or "?"
+    device = str(health.get("device") or "cpu")
+    name = health.get("device_name")
+    if device == "cuda":
+        return f"Device: GPU — {name or 'CUDA'}", f"torch {torch_version}, CUDA {health.get('torch_cuda') or '?'}"
+    if device == "mps":
+        return f"Device: {name or 'Apple GPU (MPS)'}", f"torch {torch_version}"
+    reason = str(health.get("device_reason") or "")
+    short = re.sub(r"^torch\.cuda\.is_available\(\) is False:\s*", "", reason)
+    short = re.sub(r"\s*\(.*\)$", "", short)
+    return (f"Device: CPU — {short}" if short else "Device: CPU"), f"torch {torch_version}. {reason}".strip()
