@@ -42,7 +42,7 @@ class SettingsDialog(QDialog):
     def __init__(self, backend_manager: Any = None, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("IDGBR settings")
-        self.setMinimumWidth(560)
+        self.setMinimumWidth(640)
         self.manager = backend_manager
         self._test_task: Optional[QgsTask] = None
         self._alive = True
@@ -54,6 +54,7 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         form = QFormLayout()
         python_row = QHBoxLayout()
+        python_row.addWidget(QLabel("Backend Python"))
         self.pythonWidget = QgsFileWidget(self)
         self.pythonWidget.setStorageMode(QgsFileWidget.GetFile)
         self.pythonWidget.setDialogTitle("Backend Python interpreter")
@@ -64,10 +65,11 @@ class SettingsDialog(QDialog):
         self.setupButton.setToolTip("Create a dedicated environment with PyTorch and the backend, or adopt an "
                                     "existing Python.")
         python_row.addWidget(self.setupButton)
-        form.addRow("Backend Python", python_row)
+        # Outside the form: a word-wrapped label in a form row gets clipped to one line's height.
+        layout.addLayout(python_row)
         self.pythonSourceLabel = QLabel(self)
         self.pythonSourceLabel.setWordWrap(True)
-        form.addRow("", self.pythonSourceLabel)
+        layout.addWidget(self.pythonSourceLabel)
 
         self.deviceCombo = QComboBox(self)
         for device, text in (("auto", "Automatic (GPU when available)"), ("cpu", "CPU"),
