@@ -325,6 +325,21 @@ def test_backend_killed_mid_run_reports_and_next_run_restarts_it(dock, idgbr_bac
     assert idgbr_backend.client().pid != pid
 
 
+def test_plugin_unload_during_a_run_adds_nothing(qgis_iface, idgbr_backend, project, dock_settings, sample_raster):
+    widget = make_dock(qgis_iface, idgbr_backend)
+    _start_long_run(widget, sample_raster)
+    task = widget.run()
+    assert task is not None, _messages()
+    wait_for(lambda: task.progress() > 6, 120)
+    widget.shutdown()  # what the plugin's unload does, before deleting the dock
+    widget.deleteLater()
+    manager = QgsApplication.taskManager()
+    wait_for(lambda: manager.countActiveTasks() == 0, 300)
+    QApplication.processEvents()
+    assert QgsProject.instance().layerTreeRoot().findGroup("dubai — IDGBR") is None
+    assert _result_files(dock_settings) == []
+
+
 # ------------------------------------------------------------------------------------------ bad choices
 
 
