@@ -350,7 +350,6 @@ class IdgbrDock(QgsDockWidget):
         self.task = task
         self.progressBar.setValue(0)
         self.statusLabel.setText("Starting…")
-        self._started = time.monotonic()
         self._update_state()
         QgsApplication.taskManager().addTask(task)
         return task
