@@ -39,8 +39,8 @@ class Refiner(nn.Module):
     def predict(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor, coarse_ids: torch.Tensor
                 ) -> torch.Tensor:
         """One denoiser call with fresh guidance: (B, K, H, W) logits of the clean map."""
-        guidance = self.guidance(image, mask_codes(coarse_ids, self.num_classes))
-        return self.denoiser(x_t, t, guidance)
+        codes = mask_codes(coarse_ids, self.num_classes)
+        return self.denoiser(x_t, t, codes, self.guidance(image, codes))
 
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse_ids: torch.Tensor, noise: torch.Tensor, steps: int,
@@ -48,7 +48,7 @@ class Refiner(nn.Module):
         """Refined logits (B, K, H, W). The CG net runs once; the denoiser runs ``steps`` times."""
         codes = mask_codes(coarse_ids, self.num_classes)
         guidance = self.guidance(image, codes)
-        logits = ddim_sample(lambda x, t: self.denoiser(x, t, guidance), noise, steps, strength, codes)
+        logits = ddim_sample(lambda x, t: self.denoiser(x, t, codes, guidance), noise, steps, strength, codes)
         return apply_guard_band(logits, coarse_ids, guard_band)
 
     def loss(self, image: torch.Tensor, coarse_ids: torch.Tensor, truth: torch.Tensor,
