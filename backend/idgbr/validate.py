@@ -129,10 +129,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = {"coarse (input)": score_all(coarse, scenes, k, names, coarse)}
         rows["classical: SLIC superpixels + coarse majority"] = score_all(
             [superpixel_refine(s.image, c, k) for s, c in zip(scenes, coarse)], scenes, k, names, coarse)
+        # The guard band's effect is in the selection sweep; the whole tile gets the one-shot and the default.
         variants = {"IDGBR one-shot (1 step)": (1, 0),
                     f"IDGBR {best_steps} steps (default)": (best_steps, guard_default)}
-        if guard_default == 0:
-            variants[f"IDGBR {best_steps} steps + guard band 16 px"] = (best_steps, 16)
+        if best_steps == 1:
+            variants = {"IDGBR 1 step (default, one-shot)": (1, guard_default),
+                        f"IDGBR {STEP_CHOICES[-1]} steps": (STEP_CHOICES[-1], 0)}
         for label, (steps, guard) in variants.items():
             refined = [refine_scene(bundle, s.image, c, steps, guard) for s, c in zip(scenes, coarse)]
             rows[label] = score_all(refined, scenes, k, names, coarse)

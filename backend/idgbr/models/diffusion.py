@@ -73,8 +73,9 @@ def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Ten
         logits = predict_logits(x_t, t_now)
         if i == steps - 1:
             break
-        # The expected code under the predicted class probabilities is the x0 estimate.
-        x0 = torch.softmax(logits, dim=1) * 2.0 - 1.0
+        # The x0 estimate is the code of the predicted class: training only ever saw exact codes as x0, and a
+        # soft (expected) code drifts off that distribution and compounds errors over the steps.
+        x0 = mask_codes(logits.argmax(1), logits.shape[1]).to(x_t.dtype)
         a_now, a_next = alpha_bar(times[i]), alpha_bar(times[i + 1])
         eps = (x_t - a_now.sqrt() * x0) / (1 - a_now).sqrt()
         x_t = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
