@@ -124,7 +124,9 @@ def measure(spec: dict) -> dict:
                           capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise IdgbrError(f"A benchmark run failed ({spec['label']}):\n{proc.stderr.strip()[-2000:]}")
-    return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1])}
+    # The 1-minute load average at the end: above the core count, something else shared the CPU.
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {**spec, **json.loads(proc.stdout.strip().splitlines()[-1]), "load": load}
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -182,15 +184,15 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
              f"- software: Python {machine.get('python')}, PyTorch {machine.get('torch')} "
              f"({machine.get('threads')} threads)",
              f"- model: {card.get('name')} (tile {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
-             f"{settings['steps']} sampling steps, guard band {card.get('sampler', {}).get('guard_band')} px)",
+             f"sampling steps {settings['steps']}, guard band {card.get('sampler', {}).get('guard_band')} px)",
              f"- device: {settings['device']}", ""]
     if seg_flops is not None:
         lines += [f"Model cost: **{seg_flops / 1e9:.1f} GFLOPs per megapixel** for the coarse segmenter, "
                   f"**{full_flops / 1e9:.1f} GFLOPs per megapixel** for coarse + refiner ({settings['steps']} "
-                  "steps), per megapixel the networks see (tile overlap and tiles skipped by the refiner change "
-                  "what an output megapixel costs; the last column is the rate the run achieved).", ""]
-    lines += ["| raster | processed | mode | s/MP | MP/s | tiles refined | peak RSS (GB) | achieved GFLOP/s |",
-              "|---|---|---|---|---|---|---|---|"]
+                  "sampling steps), per megapixel the networks see (tile overlap and tiles skipped by the refiner "
+                  "change what an output megapixel costs; the last column is the rate the run achieved).", ""]
+    lines += ["| raster | processed | mode | s/MP | MP/s | tiles refined | peak RSS (GB) | achieved GFLOP/s | load |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mp = r["width"] * r["height"] / 1e6
         s_per_mp = r["seconds"] / mp
@@ -204,9 +206,13 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
                 work += r["tiles_refined"] * area * (full_flops - seg_flops)
             achieved = f"{work / r['seconds'] / 1e9:.0f}"
         lines.append(f"| {r['label']} | {r['width']} x {r['height']} ({mp:.1f} MP) | {r['mode']} | "
-                     f"{s_per_mp:.2f} | {1 / s_per_mp:.2f} | {refined} | {_gb(r['peak_rss'])} | {achieved} |")
+                     f"{s_per_mp:.2f} | {1 / s_per_mp:.2f} | {refined} | {_gb(r['peak_rss'])} | {achieved} | "
+                     f"{'n/a' if r.get('load') is None else format(r['load'], '.1f')} |")
     refine_rows = [r for r in rows if r["mode"] == "refine"]
-    if refine_rows:
+    if refine_rows and not str(settings["device"]).startswith("cpu"):
+        lines += ["", f"The targets ({TARGET_S_PER_MP} s/MP, {TARGET_RSS_GB} GB) are for the 2-core CPU; this run "
+                  f"used {settings['device']} (peak RSS includes the CUDA libraries)."]
+    elif refine_rows:
         worst = max(r["seconds"] / (r["width"] * r["height"] / 1e6) for r in refine_rows)
         peak = max((r["peak_rss"] or 0) for r in rows)
         lines += ["", f"Targets (2-core CPU, default settings): segment + refine <= {TARGET_S_PER_MP} s/MP — "
@@ -225,6 +231,8 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
               f"cores, so the run covers a full-width band of {settings['large_rows']} rows (`--extent`): full "
               "width is what sizes the engine's buffers (rows are streamed and dropped), so its peak RSS is "
               "the peak for the whole raster.",
+              "- load: the machine's 1-minute load average when the run ended; above the number of cores, other "
+              "work shared the CPU and the timing is pessimistic.",
               "- tiles refined: tiles whose coarse map has a class boundary go through the refiner; the others "
               "keep their single class.", ""]
     return "\n".join(lines)
