@@ -244,6 +244,9 @@ def write_report(path: Path, text: str) -> None:
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     with os.fdopen(handle, "w", encoding="utf-8") as out:
         out.write(text)
+    from .raster.io import FILE_MODE
+
+    os.chmod(tmp, FILE_MODE)
     os.replace(tmp, path)
 
 

@@ -18,6 +18,7 @@ import numpy as np
 
 from .classes import hex_to_rgb
 from .errors import IdgbrError
+from .raster.io import FILE_MODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = REPO_ROOT / "resources" / "sample" / "dubai_sample.tif"
@@ -113,6 +114,7 @@ def run_demo(out: Path, input_path: Path = SAMPLE, model: str | None = None, ste
     os.close(handle)
     try:
         preview.save(tmp, format="PNG")
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, preview_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

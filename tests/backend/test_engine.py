@@ -3,6 +3,7 @@ skipping, nodata and the written file can be checked exactly (the real model is 
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -141,6 +142,9 @@ def test_output_is_styled_uint8_on_the_input_grid(fake, crop_raster, tmp_path, s
         assert b.tags(1)["CLASS_2"] == "bright"
         assert set(np.unique(b.read(1))) <= {0, 1, 2}
     assert "<Category>mid</Category>" in Path(str(out) + ".aux.xml").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
 
 

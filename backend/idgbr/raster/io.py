@@ -33,6 +33,17 @@ GDAL_ENV = {
 }
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# mkstemp makes 0600 files; results should get the usual permissions (0666 less the umask), like any other
+# file the user writes. Read once at import: os.umask cannot be queried without setting it.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 def gdal_env() -> rasterio.Env:
     return rasterio.Env(**GDAL_ENV)
 
@@ -257,6 +268,7 @@ class OutputWriter:
         handle, tmp = tempfile.mkstemp(prefix=f".{self.output.name}.", suffix=".tmp.tif", dir=folder)
         os.close(handle)
         self.tmp = Path(tmp)
+        os.chmod(self.tmp, FILE_MODE)
         width, height = int(window.width), int(window.height)
         georeferenced = src.crs is not None or not src.transform.is_identity
         profile = {
@@ -298,6 +310,7 @@ class OutputWriter:
         aux_tmp = Path(str(self.tmp) + ".cat.xml")
         try:
             aux_tmp.write_text(category_names_xml(self.classes), encoding="utf-8")
+            os.chmod(aux_tmp, FILE_MODE)
             os.replace(self.tmp, self.output)
             os.replace(aux_tmp, aux)
         except OSError as exc:
