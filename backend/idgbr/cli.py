@@ -120,14 +120,7 @@ def _run_command(args: argparse.Namespace) -> int:
 
 def _register_subcommands(subparsers: argparse._SubParsersAction) -> None:
     for name in SUBCOMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            # Only while that part of the product has not landed yet; a broken import elsewhere still fails.
-            if exc.name != name:
-                raise
-            continue
-        module.register_cli(subparsers)
+        importlib.import_module(name).register_cli(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
