@@ -98,7 +98,10 @@ def guard_band_mask(coarse_ids: torch.Tensor, band: int) -> torch.Tensor:
     """(B, H, W) bool: pixels within ``band`` px (Chebyshev distance) of a coarse class boundary."""
     edge = boundary_map(coarse_ids).float()[:, None]
     if band > 0:
-        edge = F.max_pool2d(edge, kernel_size=2 * band + 1, stride=1, padding=band)
+        # A square max-pool is separable: two 1-D pools give the same mask at a fraction of the cost.
+        size = 2 * band + 1
+        edge = F.max_pool2d(edge, kernel_size=(1, size), stride=1, padding=(0, band))
+        edge = F.max_pool2d(edge, kernel_size=(size, 1), stride=1, padding=(band, 0))
     return edge[:, 0] > 0
 
 
