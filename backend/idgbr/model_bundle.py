@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from .checkpoint import load_checkpoint, split_state
+from .data import normalize
 from .errors import IdgbrError
 from .models.coarse import CoarseConfig, CoarseNet
 from .models.diffusion import position_noise
@@ -96,9 +97,7 @@ class ModelBundle:
         if tensor.ndim == 3:
             tensor = tensor[None]
         norm = self.card["normalization"]
-        mean = torch.tensor(norm["mean"], dtype=torch.float32)[None, :, None, None]
-        std = torch.tensor(norm["std"], dtype=torch.float32)[None, :, None, None]
-        return (tensor - mean) / std
+        return normalize(tensor, norm["mean"], norm["std"])
 
     @torch.inference_mode()
     def segment(self, images: torch.Tensor) -> torch.Tensor:
