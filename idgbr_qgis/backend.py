@@ -46,6 +46,15 @@ def dev_checkout_venv() -> Path:
     return Path(__file__).resolve().parent.parent / ".venv"
 
 
+def development_python() -> Path:
+    """For tests and developer tools: $IDGBR_PYTHON, else the checkout's `.venv`, else the running interpreter."""
+    env = os.environ.get(ENV_PYTHON, "").strip()
+    if env:
+        return Path(env)
+    venv = venv_python(dev_checkout_venv())
+    return venv if venv.is_file() else Path(sys.executable)
+
+
 def python_candidates() -> List[Tuple[str, Path, bool]]:
     """Where the backend interpreter may come from, in priority order: (source, path, explicit).
 

@@ -48,14 +48,6 @@ def _mirrored_sample(target: Path, size: int = 2048) -> Path:
     return target
 
 
-def _backend_python() -> Path:
-    env = os.environ.get("IDGBR_PYTHON")
-    if env:
-        return Path(env)
-    venv = REPO / ".venv" / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
-    return venv if venv.is_file() else Path(sys.executable)
-
-
 def bench(runs: int, size: int, work: Path) -> Dict[str, Any]:
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     os.environ["QGIS_CUSTOM_CONFIG_PATH"] = str(work / "profile")  # the user's settings stay untouched
@@ -68,7 +60,7 @@ def bench(runs: int, size: int, work: Path) -> Dict[str, Any]:
 
     app = QgsApplication([], True)
     app.initQgis()
-    from idgbr_qgis.backend import BackendManager
+    from idgbr_qgis.backend import BackendManager, development_python
     from idgbr_qgis.ui import config
     from idgbr_qgis.ui.dock import IdgbrDock
 
@@ -86,7 +78,7 @@ def bench(runs: int, size: int, work: Path) -> Dict[str, Any]:
     iface.mainWindow.return_value = window
     iface.mapCanvas.return_value = canvas
     iface.messageBar.return_value = QgsMessageBar(window)
-    python = _backend_python()
+    python = development_python()
     manager = BackendManager(state_dir=work / "state", timeout=300.0, locate=lambda: (python, "bench"))
     dock = IdgbrDock(iface, manager)
     dock._health_requested = True  # the cold start is measured by the first run, not warmed on show

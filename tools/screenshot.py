@@ -126,14 +126,6 @@ def _in_qgis() -> None:
 # --------------------------------------------------------------------------------------------- driver
 
 
-def _backend_python() -> Path:
-    env = os.environ.get("IDGBR_PYTHON")
-    if env:
-        return Path(env)
-    venv = REPO / ".venv" / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
-    return venv if venv.is_file() else Path(sys.executable)
-
-
 def _stop(process: subprocess.Popen, state: Path) -> None:
     """Kill QGIS's process group and the backend service it started (that one runs in its own session)."""
     import json
@@ -165,6 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     error_file = out.parent / (out.name + ".error")
     error_file.unlink(missing_ok=True)
     before = out.stat().st_mtime if out.exists() else None
+    sys.path.insert(0, str(REPO))
+    from idgbr_qgis.backend import development_python
+
     with tempfile.TemporaryDirectory(prefix="idgbr_screenshot_") as scratch:
         work = Path(scratch)
         profile = work / "profiles" / "default" / "QGIS"
@@ -181,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             **os.environ,
             "QT_QPA_PLATFORM": "xcb",  # a real (virtual) screen, not the offscreen test platform
             "QGIS_PLUGINPATH": str(REPO),
-            "IDGBR_PYTHON": str(_backend_python()),
+            "IDGBR_PYTHON": str(development_python()),
             "IDGBR_STATE_DIR": str(work / "state"),
             ENV_OUT: str(out),
             ENV_SAMPLE: str(sample),

@@ -30,20 +30,11 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from qgis.core import QgsApplication, QgsRasterLayer  # noqa: E402
 
-from idgbr_qgis.backend import BackendManager  # noqa: E402
+from idgbr_qgis.backend import BackendManager, development_python  # noqa: E402
 
 SAMPLE_DIR = REPO_ROOT / "resources" / "sample"
 MODELS_DIR = Path(os.environ.get("IDGBR_MODELS_DIR") or REPO_ROOT / "resources" / "models")
 DEFAULT_MODEL = MODELS_DIR / "dubai5.safetensors"
-
-
-def backend_python() -> Path:
-    """The interpreter with the backend installed: $IDGBR_PYTHON, else the checkout's .venv, else this one."""
-    env = os.environ.get("IDGBR_PYTHON")
-    if env:
-        return Path(env)
-    venv = REPO_ROOT / ".venv" / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
-    return venv if venv.is_file() else Path(sys.executable)
 
 
 @pytest.fixture(scope="session")
@@ -95,14 +86,14 @@ def idgbr_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     folder = tmp_path_factory.mktemp("idgbr_state")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("IDGBR_STATE_DIR", str(folder))
-        patch.setenv("IDGBR_PYTHON", str(backend_python()))
+        patch.setenv("IDGBR_PYTHON", str(development_python()))
         yield folder
 
 
 @pytest.fixture(scope="session")
 def idgbr_backend(idgbr_state_dir: Path, bundled_model: Path) -> Iterator[BackendManager]:
     """The session's backend service, started once, used by the algorithms and the dock, stopped at the end."""
-    python = backend_python()
+    python = development_python()
     manager = BackendManager(state_dir=idgbr_state_dir, timeout=120.0, locate=lambda: (python, "the tests"))
     previous = BackendManager.set_instance(manager)
     try:

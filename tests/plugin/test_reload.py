@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from idgbr_qgis.backend import development_python
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
@@ -123,7 +125,6 @@ SCRIPT = textwrap.dedent(
 
 
 def test_unload_and_reload_without_restarting_qgis(tmp_path, bundled_model):
-    venv_python = REPO_ROOT / ".venv" / ("Scripts/python.exe" if sys.platform.startswith("win") else "bin/python")
     script = tmp_path / "reload.py"
     script.write_text(f"REPO = {str(REPO_ROOT)!r}\n" + SCRIPT, encoding="utf-8")
     state = tmp_path / "state"
@@ -132,7 +133,7 @@ def test_unload_and_reload_without_restarting_qgis(tmp_path, bundled_model):
         "QT_QPA_PLATFORM": "offscreen",
         "QGIS_CUSTOM_CONFIG_PATH": str(tmp_path / "profile"),  # no IDGBR settings from the developer's profile
         "IDGBR_STATE_DIR": str(state),
-        "IDGBR_PYTHON": os.environ.get("IDGBR_PYTHON") or str(venv_python if venv_python.is_file() else sys.executable),
+        "IDGBR_PYTHON": str(development_python()),
     }
     import subprocess
 
