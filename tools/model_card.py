@@ -31,6 +31,17 @@ def results_table(results: dict) -> list[str]:
     return lines
 
 
+def delta_table(results: dict) -> list[str]:
+    lines = ["| coarse source | method | ΔBF | ΔBIoU | ΔmIoU |", "|---|---|---|---|---|"]
+    for source, rows in results.items():
+        base = rows["coarse (input)"]
+        for method, r in rows.items():
+            if method != "coarse (input)":
+                deltas = [_fmt(r[m] - base[m], True) for m in ("boundary_f", "boundary_iou", "miou")]
+                lines.append(f"| {source} | {method} | " + " | ".join(deltas) + " |")
+    return lines
+
+
 def per_class_table(results: dict) -> list[str]:
     first = next(iter(next(iter(results.values())).values()))
     names = list(first["per_class_iou"])
@@ -58,12 +69,15 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
         f" ({training.get('coarse', {}).get('iterations')} iterations, {training.get('coarse', {}).get('minutes')} "
         f"min); refiner {training.get('refiner', {}).get('iterations')} iterations, "
         f"{training.get('refiner', {}).get('minutes')} min on {training.get('refiner', {}).get('device')}, "
-        f"coarse inputs: {training.get('refiner', {}).get('coarse_sources')}; out-of-fold models "
-        f"{training.get('refiner', {}).get('out_of_fold_models')}.",
+        f"coarse inputs: {training.get('refiner', {}).get('coarse_sources')}; out-of-fold models: "
+        f"{', '.join(training.get('refiner', {}).get('out_of_fold_models') or {}) or 'none'}.",
         "",
         f"Validation: the whole held-out {summary['tile']} ({summary['images']} images, {summary['megapixels']} MP), "
         "never seen in training. Defaults were picked on " + ", ".join(summary["selection_images"]) +
-        " by the sum of the BF and Boundary IoU gains, mIoU losses counted three times:",
+        " by the score ΔBF + ΔBoundary IoU + ΔmIoU, mIoU losses counted three times, averaged over the coarse "
+        "sources; the default is the fewest steps within "
+        f"{summary.get('step_tolerance', 0)} of the best score (each step costs about 20 GFLOP/MP), then the best "
+        "guard band for that step count:",
         "",
         "| setting | selection score |",
         "|---|---|",
@@ -71,6 +85,9 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
         "",
         *results_table(summary["results"]),
         "",
+        *([f"The same rows on the {summary['images'] - len(summary['selection_images'])} images that the selection "
+           "of the defaults never looked at:", "", *delta_table(summary["results_outside_selection"]), ""]
+          if "results_outside_selection" in summary else []),
         "Per-class IoU:",
         "",
         *per_class_table(summary["results"]),

@@ -14,6 +14,7 @@ from .data import normalize
 from .errors import IdgbrError
 from .models.coarse import CoarseConfig, CoarseNet
 from .models.diffusion import position_noise
+from .models.fcn import FCN_KIND, FcnConfig, FcnNet
 from .models.refiner import Refiner, RefinerConfig
 
 DEFAULT_MODEL = "dubai5"
@@ -146,14 +147,20 @@ class ModelBundle:
         return counter.get_total_flops() / (size * size / 1e6)
 
 
+def build_coarse(spec: dict) -> torch.nn.Module:
+    """The coarse network that a model card's architecture entry describes (encoder-decoder or FCN)."""
+    if spec.get("kind") == FCN_KIND:
+        return FcnNet(FcnConfig(**{**spec, "widths": tuple(spec["widths"])}))
+    return CoarseNet(CoarseConfig(**{**spec, "widths": tuple(spec["widths"])}))
+
+
 def build_bundle(tensors: dict[str, torch.Tensor], card: dict, device: torch.device,
                  source: Path | None = None) -> ModelBundle:
     arch = card.get("architecture", {})
     coarse = refiner = None
     try:
         if "coarse" in arch:
-            config = CoarseConfig(**{**arch["coarse"], "widths": tuple(arch["coarse"]["widths"])})
-            coarse = CoarseNet(config)
+            coarse = build_coarse(arch["coarse"])
             coarse.load_state_dict(split_state(tensors, "coarse."))
         if "refiner" in arch:
             spec = arch["refiner"]

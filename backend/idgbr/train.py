@@ -20,6 +20,7 @@ from .degrade import random_degradation
 from .errors import IdgbrError
 from .model_bundle import ModelBundle, build_bundle, select_device
 from .models.coarse import CoarseConfig, CoarseNet
+from .models.fcn import FCN_KIND, FcnConfig, FcnNet
 from .models.refiner import Refiner, RefinerConfig
 
 DEFAULT_SAMPLER = {"steps": 4, "strength": 1.0, "guard_band": 0, "seed": 0}
@@ -86,28 +87,37 @@ def _iterations(scenes: list[Scene], crop: int, batch: int, epochs: float) -> in
     return max(1, int(epochs * pixels / (crop * crop) / batch))
 
 
+def inverse_sqrt_frequency(scenes: list[Scene], num_classes: int) -> torch.Tensor:
+    """Class weights (mean 1): rare, thin classes (roads) would otherwise be swamped by unpaved land."""
+    counts = np.bincount(np.concatenate([s.labels[::8, ::8].ravel() for s in scenes]), minlength=256)
+    freq = counts[:num_classes] / max(1, counts[:num_classes].sum())
+    weight = torch.tensor(1 / np.sqrt(freq + 1e-3), dtype=torch.float32)
+    return weight / weight.mean()
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
 def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: float, minutes: float | None,
-                 batch: int, crop: int, lr: float, device_name: str, seed: int) -> dict:
+                 batch: int, crop: int, lr: float, device_name: str, seed: int, architecture: str = "encoder-decoder"
+                 ) -> dict:
     torch.manual_seed(seed)
     device = select_device(device_name)
     scenes = load_scenes(data, tiles, task)
     mean, std = channel_stats(scenes)
     card = base_card(out.stem, task, mean, std)
-    config = CoarseConfig(num_classes=card["num_classes"])
-    model = CoarseNet(config).to(device)
+    if architecture == FCN_KIND:
+        config = FcnConfig(num_classes=card["num_classes"])
+        model = FcnNet(config).to(device)
+    else:
+        config = CoarseConfig(num_classes=card["num_classes"])
+        model = CoarseNet(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     iterations = _iterations(scenes, crop, batch, epochs)
     schedule = Schedule(optimizer, lr, iterations, minutes)
     sampler = CropSampler(scenes, crop, seed=seed)
-    # Rare, thin classes (roads) would be swamped by unpaved land; weight classes by inverse sqrt frequency.
-    counts = np.bincount(np.concatenate([s.labels[::8, ::8].ravel() for s in scenes]), minlength=256)
-    freq = counts[: card["num_classes"]] / max(1, counts[: card["num_classes"]].sum())
-    class_weight = torch.tensor(1 / np.sqrt(freq + 1e-3), dtype=torch.float32, device=device)
-    class_weight = class_weight / class_weight.mean()
+    class_weight = inverse_sqrt_frequency(scenes, card["num_classes"]).to(device)
     model.train()
     iteration, running, started = 0, 0.0, time.monotonic()
     while schedule.step(iteration):
@@ -159,20 +169,15 @@ def train_refiner(data: Path, out: Path, coarse_model: Path, oof: list[tuple[Pat
     task = card["task"]
     tiles = card["training"]["coarse"]["tiles"]
     scenes = load_scenes(data, tiles, task)
-    # Out-of-fold coarse maps: each scene predicted by a coarse model that never saw its tile.
+    # Real coarse maps: out-of-fold where fold models are given (each scene predicted by a model that never saw
+    # its tile), else the coarse model's own predictions, whose boundary errors are still those of a real CNN.
     fold_bundles = {path: build_bundle(*load_checkpoint(path), device, path) for path, _ in oof}
     oof_by_tile = {tile: fold_bundles[path] for path, fold_tiles in oof for tile in fold_tiles}
+    own = build_bundle(coarse_tensors, card, device, coarse_model) if len(oof_by_tile) < len(tiles) else None
     for scene in scenes:
-        tile = scene.name.split("/")[0]
-        if tile in oof_by_tile:
-            scene.extra = predict_scene(oof_by_tile[tile], scene, task)
-    with_oof = sum(s.extra is not None for s in scenes)
-    _log(f"refiner: {len(scenes)} scenes, {with_oof} with out-of-fold coarse maps")
-    if with_oof == 0:
-        raise IdgbrError("No out-of-fold coarse maps: give --oof MODEL:TILES for the training tiles.")
-    for scene in scenes:  # scenes without an OOF map fall back to synthetic degradations only
-        if scene.extra is None:
-            scene.extra = np.full_like(scene.labels, IGNORE_ID)
+        scene.extra = predict_scene(oof_by_tile.get(scene.name.split("/")[0], own), scene, task)
+    with_oof = sum(scene.name.split("/")[0] in oof_by_tile for scene in scenes)
+    _log(f"refiner: {len(scenes)} scenes, {with_oof} with out-of-fold coarse maps, the rest the model's own")
     mean, std = card["normalization"]["mean"], card["normalization"]["std"]
     config = RefinerConfig(num_classes=card["num_classes"])
     model = Refiner(config).to(device)
@@ -189,14 +194,15 @@ def train_refiner(data: Path, out: Path, coarse_model: Path, oof: list[tuple[Pat
     save = _refiner_saver(out, card, coarse_tensors, model, config, oof, meta, state)
     last_save = started
     while schedule.step(iteration):
-        images, labels, oof_ids = sampler.sample(batch)
+        images, labels, real_ids = sampler.sample(batch)
         synthetic = random_degradation(labels, k, generator)
-        # Half real out-of-fold errors, half synthetic ones; OOF maps sometimes degraded further.
-        use_oof = (torch.rand(batch, generator=generator) < 0.5)[:, None, None] & (oof_ids != IGNORE_ID)
-        if torch.rand(1, generator=generator).item() < 0.2:
-            oof_ids = torch.where(oof_ids == IGNORE_ID, oof_ids, random_degradation(oof_ids.clamp(max=k - 1), k,
-                                                                                    generator))
-        coarse = torch.where(use_oof, oof_ids, synthetic).clamp(0, k - 1)
+        # Half real coarse maps, half synthetic boundary errors. Real maps of the training tiles are cleaner
+        # than on unseen imagery, so half of the time they are degraded further. No class weights here: the
+        # coarse model's are already in its maps, and weighting again made the refiner widen roads.
+        use_real = (torch.rand(batch, generator=generator) < 0.5)[:, None, None]
+        if torch.rand(1, generator=generator).item() < 0.5:
+            real_ids = random_degradation(real_ids, k, generator)
+        coarse = torch.where(use_real, real_ids, synthetic).clamp(0, k - 1)
         images = normalize(images, mean, std).to(device)
         with _autocast(device):
             loss = model.loss(images, coarse.to(device), labels.to(device))
@@ -225,8 +231,9 @@ def _refiner_saver(out: Path, card: dict, coarse_tensors: dict, model: torch.nn.
         card["training"]["refiner"] = {
             **meta, "out_of_fold_models": {p.name: t for p, t in oof}, "iterations": state["iteration"],
             "minutes": round((time.monotonic() - state["started"]) / 60, 1), "final_loss": round(state["loss"], 4),
-            "coarse_sources": "50% out-of-fold predictions, 50% synthetic degradations (blocky, smooth, jitter, "
-                              "erode/dilate, region flips)",
+            "coarse_sources": "50% real coarse predictions (out-of-fold where fold models were given, else the "
+                              "coarse model's own), 50% synthetic boundary degradations (blocky, smooth, jitter, "
+                              "erode/dilate, small spurious blobs)",
         }
         tensors = dict(coarse_tensors)
         tensors.update({f"refiner.{name}": v for name, v in model.state_dict().items()})
@@ -252,7 +259,8 @@ def _run(args: argparse.Namespace) -> int:
     common = dict(epochs=args.epochs, minutes=args.minutes, batch=args.batch, crop=args.crop, lr=args.lr,
                   device_name=args.device, seed=args.seed)
     if args.stage == "coarse":
-        train_coarse(args.data, args.output, args.tiles.split(","), args.task, **common)
+        train_coarse(args.data, args.output, args.tiles.split(","), args.task, architecture=args.architecture,
+                     **common)
     else:
         if not args.coarse_model:
             raise IdgbrError("idgbr train refiner needs --coarse-model (a file from 'idgbr train coarse').")
@@ -268,11 +276,15 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.safetensors)")
     parser.add_argument("--task", choices=["multiclass", "binary"], default="multiclass",
                         help="coarse only: 5 land-cover classes, or binary road vs. rest")
+    parser.add_argument("--architecture", choices=["encoder-decoder", FCN_KIND], default="encoder-decoder",
+                        help="coarse only: the bundled encoder-decoder CNN, or a plain FCN (a second, different "
+                             "discriminative model, used to validate the refiner on other models' maps)")
     parser.add_argument("--tiles", default="tile1,tile2,tile3,tile4,tile5,tile6",
                         help="coarse only: training tiles (tile8 is held out for validation)")
     parser.add_argument("--coarse-model", type=Path, help="refiner only: the trained coarse model file")
     parser.add_argument("--oof", action="append", default=[], metavar="MODEL:TILES",
-                        help="refiner only: a fold coarse model and the tiles it never saw (repeatable)")
+                        help="refiner only: a fold coarse model and the tiles it never saw (repeatable); "
+                             "other tiles use the coarse model's own predictions")
     parser.add_argument("--epochs", type=float, default=30.0, help="passes over the training pixels")
     parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget; ends training early")
     parser.add_argument("--batch", type=int, default=8)

@@ -3,7 +3,8 @@ the table and figure of docs/MODEL_CARD.md.
 
     python -m idgbr.validate --model resources/models/dubai5.safetensors --data ../shared/datasets/dubai-aerial
 
-Coarse maps come from two different discriminative models: the bundled CNN segmenter and a classical
+Coarse maps come from different discriminative models: the bundled CNN segmenter, a second CNN of a
+different architecture (a plain FCN, `idgbr train coarse --architecture fcn`) and a classical
 gradient-boosted pixel classifier. Each is refined by the diffusion refiner (one step = the one-shot
 refiner of the same network, and N steps) and by a classical superpixel refiner.
 """
@@ -25,9 +26,12 @@ from .classical import PixelClassifier, superpixel_refine
 from .data import Scene, load_scenes
 from .metrics import Scores
 from .model_bundle import ModelBundle, build_bundle, select_device
+from .models.diffusion import guard_band_mask
+from .train import predict_scene
 
 STEP_CHOICES = (1, 2, 3, 4)
-GUARD_CHOICES = (0, 8, 16)
+GUARD_CHOICES = (0, 4, 8, 16)
+STEP_TOLERANCE = 0.01
 
 
 def _pad(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -40,7 +44,7 @@ def segment_scene(bundle: ModelBundle, image: np.ndarray) -> np.ndarray:
     return bundle.segment(padded)[0, :, :height, :width].argmax(0).byte().cpu().numpy()
 
 
-def refine_scene(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, guard_band: int,
+def refine_scene(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, guard_band: int = 0,
                  strength: float = 1.0, seed: int = 0) -> np.ndarray:
     padded, height, width = _pad(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
     coarse_t = torch.from_numpy(coarse.astype(np.int64))[None, None].float()
@@ -48,6 +52,14 @@ def refine_scene(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, ste
     logits = bundle.refine(padded, coarse_t[:, 0].long(), [(0, 0)], steps=steps, guard_band=guard_band,
                            strength=strength, seed=seed)
     return logits[0, :, :height, :width].argmax(0).byte().cpu().numpy()
+
+
+def guarded(refined: np.ndarray, coarse: np.ndarray, band: int) -> np.ndarray:
+    """The refined map with the guard band applied afterwards (the same map as refining with it on)."""
+    if band <= 0:
+        return refined
+    inside = guard_band_mask(torch.from_numpy(coarse.astype(np.int64))[None], band)[0].numpy()
+    return np.where(inside, refined, coarse)
 
 
 def score_all(preds: list[np.ndarray], scenes: list[Scene], k: int, names: list[str],
@@ -59,7 +71,7 @@ def score_all(preds: list[np.ndarray], scenes: list[Scene], k: int, names: list[
 
 
 def _gain(result: dict, base: dict) -> float:
-    """Selection score: boundary gains, with mIoU losses counted twice (semantics must not suffer)."""
+    """Selection score: boundary gains, with mIoU losses counted three times (semantics must not suffer)."""
     d_bf = result["boundary_f"] - base["boundary_f"]
     d_biou = result["boundary_iou"] - base["boundary_iou"]
     d_miou = result["miou"] - base["miou"]
@@ -74,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tile", default="tile8", help="held-out tile")
     parser.add_argument("--select-parts", default="1,2,3", help="parts of the tile used to pick the defaults")
     parser.add_argument("--max-images", type=int, default=0, help="quick check: score only this many images")
+    parser.add_argument("--second-model", type=Path,
+                        help="a coarse model of another architecture (e.g. the FCN) whose maps are refined too")
     parser.add_argument("--classifier-tiles", default="tile1,tile2,tile3,tile4,tile5,tile6")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--figure", type=Path, help="PNG of image / coarse / refined / truth crops")
@@ -97,53 +111,63 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = PixelClassifier(seed=0).fit(
         *zip(*[(s.image, s.labels) for s in load_scenes(args.data, args.classifier_tiles.split(","), task)]))
-    sources = {
-        "bundled CNN segmenter": [segment_scene(bundle, s.image) for s in scenes],
-        "pixel classifier (gradient boosting)": [classifier.predict(s.image) for s in scenes],
-    }
+    sources = {"bundled CNN segmenter": [segment_scene(bundle, s.image) for s in scenes]}
+    if args.second_model:
+        second = build_bundle(*load_checkpoint(args.second_model), select_device("auto"), args.second_model)
+        sources["FCN (second CNN architecture)"] = [predict_scene(second, s, task) for s in scenes]
+    sources["pixel classifier (gradient boosting)"] = [classifier.predict(s.image) for s in scenes]
     print(f"coarse maps ready ({time.monotonic() - started:.0f}s)", flush=True)
 
-    # 1. Pick steps and guard band on the selection images, over both coarse sources.
+    # 1. Pick steps and guard band on the selection images, over both coarse sources. The guard band only
+    #    masks the result, so each step count is sampled once and every band is scored from that map.
     sel_scenes = [scenes[i] for i in selection]
-    sweep = {}
-    for steps in STEP_CHOICES:
-        for guard in GUARD_CHOICES if steps == STEP_CHOICES[-1] else (0,):
-            gains = []
-            for coarse in sources.values():
-                sel_coarse = [coarse[i] for i in selection]
-                base = score_all(sel_coarse, sel_scenes, k, names)
-                refined = [refine_scene(bundle, s.image, c, steps, guard) for s, c in zip(sel_scenes, sel_coarse)]
-                gains.append(_gain(score_all(refined, sel_scenes, k, names), base))
-            sweep[f"steps={steps} guard={guard}"] = round(float(np.mean(gains)), 4)
-            print(f"  select steps={steps} guard={guard}: gain {np.mean(gains):+.4f}", flush=True)
-    best_steps = max(STEP_CHOICES, key=lambda s: (sweep[f"steps={s} guard=0"], -s))
-    best_guard = max(GUARD_CHOICES, key=lambda g: (sweep.get(f"steps={STEP_CHOICES[-1]} guard={g}", -9), -g))
-    # The guard band is only kept if it helped at the largest step count.
-    guard_default = best_guard if sweep.get(f"steps={STEP_CHOICES[-1]} guard={best_guard}", -9) > sweep[
-        f"steps={STEP_CHOICES[-1]} guard=0"] else 0
+    sweep: dict[str, float] = {}
+    gains: dict[tuple[int, int], list[float]] = {(st, g): [] for st in STEP_CHOICES for g in GUARD_CHOICES}
+    for coarse in sources.values():
+        sel_coarse = [coarse[i] for i in selection]
+        base = score_all(sel_coarse, sel_scenes, k, names)
+        for steps in STEP_CHOICES:
+            refined = [refine_scene(bundle, s.image, c, steps) for s, c in zip(sel_scenes, sel_coarse)]
+            for guard in GUARD_CHOICES:
+                maps = [guarded(r, c, guard) for r, c in zip(refined, sel_coarse)]
+                gains[steps, guard].append(_gain(score_all(maps, sel_scenes, k, names), base))
+    for (steps, guard), values in gains.items():
+        sweep[f"steps={steps} guard={guard}"] = round(float(np.mean(values)), 4)
+        print(f"  select steps={steps} guard={guard}: gain {np.mean(values):+.4f}", flush=True)
+    # Each extra step costs about 20 GFLOP/MP (a quarter more time on a 2-core CPU), so the default is the fewest
+    # steps whose best score is within STEP_TOLERANCE of the overall best; then the best band for that count.
+    best = max(float(np.mean(v)) for v in gains.values())
+    best_steps = min(st for (st, _), v in gains.items() if float(np.mean(v)) >= best - STEP_TOLERANCE)
+    guard_default = max(GUARD_CHOICES, key=lambda g: (round(float(np.mean(gains[best_steps, g])), 4), g > 0))
     print(f"defaults: steps={best_steps} guard_band={guard_default}", flush=True)
 
-    # 2. Score everything on the whole tile.
+    # 2. Score everything on the whole tile, and apart on the images the selection never looked at.
+    unseen = [i for i in range(len(scenes)) if i not in selection]
     results: dict[str, dict] = {}
+    results_unseen: dict[str, dict] = {}
     for source, coarse in sources.items():
-        rows = {"coarse (input)": score_all(coarse, scenes, k, names, coarse)}
-        rows["classical: SLIC superpixels + coarse majority"] = score_all(
-            [superpixel_refine(s.image, c, k) for s, c in zip(scenes, coarse)], scenes, k, names, coarse)
-        # The guard band's effect is in the selection sweep; the whole tile gets the one-shot and the default.
-        variants = {"IDGBR one-shot (1 step)": (1, 0),
-                    f"IDGBR {best_steps} steps (default)": (best_steps, guard_default)}
+        maps = {"coarse (input)": coarse,
+                "classical: SLIC superpixels + coarse majority": [superpixel_refine(s.image, c, k)
+                                                                   for s, c in zip(scenes, coarse)]}
+        one_shot = [refine_scene(bundle, s.image, c, 1) for s, c in zip(scenes, coarse)]
         if best_steps == 1:
-            variants = {"IDGBR 1 step (default, one-shot)": (1, guard_default),
-                        f"IDGBR {STEP_CHOICES[-1]} steps": (STEP_CHOICES[-1], 0)}
-        for label, (steps, guard) in variants.items():
-            refined = [refine_scene(bundle, s.image, c, steps, guard) for s, c in zip(scenes, coarse)]
-            rows[label] = score_all(refined, scenes, k, names, coarse)
-        results[source] = rows
+            maps["IDGBR 1 step (default, one-shot)"] = [guarded(r, c, guard_default) for r, c in zip(one_shot, coarse)]
+            extra = STEP_CHOICES[-1]
+            maps[f"IDGBR {extra} steps"] = [refine_scene(bundle, s.image, c, extra, guard_default)
+                                            for s, c in zip(scenes, coarse)]
+        else:
+            maps["IDGBR one-shot (1 step)"] = [guarded(r, c, guard_default) for r, c in zip(one_shot, coarse)]
+            maps[f"IDGBR {best_steps} steps (default)"] = [refine_scene(bundle, s.image, c, best_steps, guard_default)
+                                                          for s, c in zip(scenes, coarse)]
+        results[source] = {row: score_all(m, scenes, k, names, coarse) for row, m in maps.items()}
+        results_unseen[source] = {row: score_all([m[i] for i in unseen], [scenes[i] for i in unseen], k, names,
+                                                 [coarse[i] for i in unseen]) for row, m in maps.items()}
         print(f"scored {source} ({time.monotonic() - started:.0f}s)", flush=True)
 
     megapixels = round(sum(s.labels.size for s in scenes) / 1e6, 1)
     summary = {"tile": args.tile, "images": len(scenes), "megapixels": megapixels,
-               "selection_images": sorted(select_names), "selection_sweep": sweep, "results": results}
+               "selection_images": sorted(select_names), "selection_sweep": sweep, "step_tolerance": STEP_TOLERANCE,
+               "results": results, "results_outside_selection": results_unseen}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
@@ -151,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         draw_figure(args.figure, scenes, sources["bundled CNN segmenter"], bundle, best_steps, guard_default, card)
     if not args.no_update:
         card["sampler"].update(steps=best_steps, guard_band=guard_default)
-        card["metrics"] = {"validation": {k_: v for k_, v in summary.items() if k_ != "results"},
+        card["metrics"] = {"validation": {k_: v for k_, v in summary.items() if not k_.startswith("results")},
                            **{src: {row: {m: r[m] for m in ("miou", "boundary_f", "boundary_iou", "iou_imp")}
                                     for row, r in rows.items()} for src, rows in results.items()}}
         save_checkpoint(args.model, tensors, card)

@@ -49,6 +49,22 @@ def test_training_writes_models_that_run(tiny_dataset: Path, tmp_path: Path):
     shutil.rmtree(tiny_dataset)
 
 
+def test_refiner_trains_without_fold_models_and_fcn_is_a_usable_coarse_model(tiny_dataset: Path, tmp_path: Path):
+    """No --oof: the coarse model's own maps stand in. The FCN architecture loads and segments like the CNN."""
+    settings = dict(epochs=1, minutes=None, batch=2, crop=64, lr=1e-3, device_name="cpu", seed=0)
+    fcn = tmp_path / "fcn.safetensors"
+    card = train_coarse(tiny_dataset, fcn, ["tile2", "tile3"], "binary", architecture="fcn", **settings)
+    assert card["architecture"]["coarse"]["kind"] == "fcn" and card["num_classes"] == 2
+    card = train_refiner(tiny_dataset, tmp_path / "model.safetensors", fcn, [], **settings)
+    assert card["training"]["refiner"]["out_of_fold_models"] == {}
+    bundle = load_bundle(tmp_path / "model.safetensors", device="cpu")
+    assert type(bundle.coarse).__name__ == "FcnNet"
+    image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 48, 48)))
+    ids = bundle.segment(image).argmax(1)
+    assert ids.shape == (1, 48, 48)
+    assert bundle.refine(image, ids, [(0, 0)], steps=1).shape == (1, 2, 48, 48)
+
+
 def test_degradations_change_maps_but_keep_valid_ids():
     truth = torch.zeros(2, 64, 64, dtype=torch.long)
     truth[:, 20:40, 10:50] = 3

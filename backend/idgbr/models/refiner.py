@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .denoiser import Denoiser
-from .diffusion import apply_guard_band, boundary_map, ddim_sample, mask_codes, q_sample
+from .diffusion import apply_guard_band, boundary_map, ddim_sample, guard_band_mask, mask_codes, q_sample
 from .guidance import GuidanceNet
 
 
@@ -51,10 +51,14 @@ class Refiner(nn.Module):
         logits = ddim_sample(lambda x, t: self.denoiser(x, t, codes, guidance), noise, steps, strength, codes)
         return apply_guard_band(logits, coarse_ids, guard_band)
 
-    def loss(self, image: torch.Tensor, coarse_ids: torch.Tensor, truth: torch.Tensor,
-             ignore_index: int = 255) -> torch.Tensor:
-        """x0-prediction loss: cross-entropy against the truth, heavier where the coarse map is wrong
-        and on true boundaries, since those are the pixels the refiner exists to repair."""
+    def loss(self, image: torch.Tensor, coarse_ids: torch.Tensor, truth: torch.Tensor, ignore_index: int = 255,
+             focus_band: int = 16) -> torch.Tensor:
+        """x0-prediction cross-entropy against the truth, concentrated where the sampler may act.
+
+        The guard band lets the refiner change pixels only near coarse boundaries, so pixels within
+        ``focus_band`` px of one carry the loss (more on true boundaries and where the coarse map is wrong);
+        the rest keep a small weight so that the map stays sensible with the band switched off.
+        """
         batch = image.shape[0]
         valid = truth != ignore_index
         # Unlabelled pixels take the coarse class in x0, so the noisy input is defined everywhere.
@@ -67,5 +71,6 @@ class Refiner(nn.Module):
         per_pixel = F.cross_entropy(logits, x0_ids, reduction="none")
         wrong = (coarse_ids != truth) & valid
         near_edge = F.max_pool2d(boundary_map(x0_ids).float()[:, None], 5, 1, 2)[:, 0] > 0
-        weight = valid.float() * (1.0 + 2.0 * wrong.float() + 1.0 * near_edge.float())
+        in_band = guard_band_mask(coarse_ids, focus_band)
+        weight = valid.float() * (0.1 + in_band.float() * (1.0 + near_edge.float() + wrong.float()))
         return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
