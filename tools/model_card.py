@@ -18,14 +18,18 @@ def _fmt(value: float | None, signed: bool = False) -> str:
     return f"{value:+.3f}" if signed else f"{value:.3f}"
 
 
+def _deltas(row: dict, base: dict) -> list[str]:
+    """ΔBF, ΔBoundary IoU and ΔmIoU of a row over the coarse input."""
+    return [_fmt(row[m] - base[m], True) for m in ("boundary_f", "boundary_iou", "miou")]
+
+
 def results_table(results: dict) -> list[str]:
     lines = ["| coarse source | method | " + " | ".join(label for _, label in METRICS) + " | ΔBF | ΔBIoU | ΔmIoU |",
              "|---" * (len(METRICS) + 5) + "|"]
     for source, rows in results.items():
         base = rows["coarse (input)"]
         for method, r in rows.items():
-            deltas = [_fmt(r[m] - base[m], True) if method != "coarse (input)" else "" for m in
-                      ("boundary_f", "boundary_iou", "miou")]
+            deltas = _deltas(r, base) if method != "coarse (input)" else ["", "", ""]
             cells = [_fmt(r.get(m)) if not (m == "iou_imp" and method == "coarse (input)") else "—" for m, _ in METRICS]
             lines.append(f"| {source} | {method} | " + " | ".join(cells) + " | " + " | ".join(deltas) + " |")
     return lines
@@ -37,8 +41,7 @@ def delta_table(results: dict) -> list[str]:
         base = rows["coarse (input)"]
         for method, r in rows.items():
             if method != "coarse (input)":
-                deltas = [_fmt(r[m] - base[m], True) for m in ("boundary_f", "boundary_iou", "miou")]
-                lines.append(f"| {source} | {method} | " + " | ".join(deltas) + " |")
+                lines.append(f"| {source} | {method} | " + " | ".join(_deltas(r, base)) + " |")
     return lines
 
 

@@ -18,9 +18,9 @@ from .classes import DUBAI_CLASSES, DUBAI_ROAD_ID, IGNORE_ID, ROAD_CLASSES
 from .data import CropSampler, Scene, channel_stats, load_scenes, normalize
 from .degrade import random_degradation
 from .errors import IdgbrError
-from .model_bundle import ModelBundle, build_bundle, select_device
-from .models.coarse import CoarseConfig, CoarseNet
-from .models.fcn import FCN_KIND, FcnConfig, FcnNet
+from .model_bundle import ModelBundle, build_bundle, build_coarse, select_device
+from .models.coarse import CoarseConfig
+from .models.fcn import FCN_KIND, FcnConfig
 from .models.refiner import Refiner, RefinerConfig
 
 # What validation chose for both bundled models; `python -m idgbr.validate` rewrites it per model.
@@ -108,12 +108,8 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
     scenes = load_scenes(data, tiles, task)
     mean, std = channel_stats(scenes)
     card = base_card(out.stem, task, mean, std)
-    if architecture == FCN_KIND:
-        config = FcnConfig(num_classes=card["num_classes"])
-        model = FcnNet(config).to(device)
-    else:
-        config = CoarseConfig(num_classes=card["num_classes"])
-        model = CoarseNet(config).to(device)
+    config = (FcnConfig if architecture == FCN_KIND else CoarseConfig)(num_classes=card["num_classes"])
+    model = build_coarse(config.to_dict()).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     iterations = _iterations(scenes, crop, batch, epochs)
     schedule = Schedule(optimizer, lr, iterations, minutes)

@@ -39,11 +39,6 @@ def _pad(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
     return F.pad(tensor, (0, (-width) % multiple, 0, (-height) % multiple), mode="reflect"), height, width
 
 
-def segment_scene(bundle: ModelBundle, image: np.ndarray) -> np.ndarray:
-    padded, height, width = _pad(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
-    return bundle.segment(padded)[0, :, :height, :width].argmax(0).byte().cpu().numpy()
-
-
 def refine_scene(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, guard_band: int = 0,
                  strength: float = 1.0, seed: int = 0) -> np.ndarray:
     padded, height, width = _pad(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
@@ -111,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
 
     classifier = PixelClassifier(seed=0).fit(
         *zip(*[(s.image, s.labels) for s in load_scenes(args.data, args.classifier_tiles.split(","), task)]))
-    sources = {"bundled CNN segmenter": [segment_scene(bundle, s.image) for s in scenes]}
+    sources = {"bundled CNN segmenter": [predict_scene(bundle, s, task) for s in scenes]}
     if args.second_model:
         second = build_bundle(*load_checkpoint(args.second_model), select_device("auto"), args.second_model)
         sources["FCN (second CNN architecture)"] = [predict_scene(second, s, task) for s in scenes]
@@ -131,14 +126,15 @@ def main(argv: list[str] | None = None) -> int:
             for guard in GUARD_CHOICES:
                 maps = [guarded(r, c, guard) for r, c in zip(refined, sel_coarse)]
                 gains[steps, guard].append(_gain(score_all(maps, sel_scenes, k, names), base))
-    for (steps, guard), values in gains.items():
-        sweep[f"steps={steps} guard={guard}"] = round(float(np.mean(values)), 4)
-        print(f"  select steps={steps} guard={guard}: gain {np.mean(values):+.4f}", flush=True)
+    score = {sg: round(float(np.mean(values)), 4) for sg, values in gains.items()}
+    for (steps, guard), value in score.items():
+        sweep[f"steps={steps} guard={guard}"] = value
+        print(f"  select steps={steps} guard={guard}: gain {value:+.4f}", flush=True)
     # Each extra step costs about 20 GFLOP/MP (a quarter more time on a 2-core CPU), so the default is the fewest
     # steps whose best score is within STEP_TOLERANCE of the overall best; then the best band for that count.
-    best = max(float(np.mean(v)) for v in gains.values())
-    best_steps = min(st for (st, _), v in gains.items() if float(np.mean(v)) >= best - STEP_TOLERANCE)
-    guard_default = max(GUARD_CHOICES, key=lambda g: (round(float(np.mean(gains[best_steps, g])), 4), g > 0))
+    best = max(score.values())
+    best_steps = min(st for (st, _), value in score.items() if value >= best - STEP_TOLERANCE)
+    guard_default = max(GUARD_CHOICES, key=lambda g: (score[best_steps, g], g > 0))
     print(f"defaults: steps={best_steps} guard_band={guard_default}", flush=True)
 
     # 2. Score everything on the whole tile, and apart on the images the selection never looked at.
@@ -149,16 +145,12 @@ def main(argv: list[str] | None = None) -> int:
         maps = {"coarse (input)": coarse,
                 "classical: SLIC superpixels + coarse majority": [superpixel_refine(s.image, c, k)
                                                                    for s, c in zip(scenes, coarse)]}
-        one_shot = [refine_scene(bundle, s.image, c, 1) for s, c in zip(scenes, coarse)]
-        if best_steps == 1:
-            maps["IDGBR 1 step (default, one-shot)"] = [guarded(r, c, guard_default) for r, c in zip(one_shot, coarse)]
-            extra = STEP_CHOICES[-1]
-            maps[f"IDGBR {extra} steps"] = [refine_scene(bundle, s.image, c, extra, guard_default)
-                                            for s, c in zip(scenes, coarse)]
-        else:
-            maps["IDGBR one-shot (1 step)"] = [guarded(r, c, guard_default) for r, c in zip(one_shot, coarse)]
-            maps[f"IDGBR {best_steps} steps (default)"] = [refine_scene(bundle, s.image, c, best_steps, guard_default)
-                                                          for s, c in zip(scenes, coarse)]
+        # The one-shot refiner beside the default; when one step is the default, the most steps beside it.
+        more_steps = best_steps if best_steps > 1 else STEP_CHOICES[-1]
+        one_shot_label = "IDGBR 1 step (default, one-shot)" if best_steps == 1 else "IDGBR one-shot (1 step)"
+        more_label = f"IDGBR {more_steps} steps" + (" (default)" if best_steps > 1 else "")
+        maps[one_shot_label] = [refine_scene(bundle, s.image, c, 1, guard_default) for s, c in zip(scenes, coarse)]
+        maps[more_label] = [refine_scene(bundle, s.image, c, more_steps, guard_default) for s, c in zip(scenes, coarse)]
         results[source] = {row: score_all(m, scenes, k, names, coarse) for row, m in maps.items()}
         results_unseen[source] = {row: score_all([m[i] for i in unseen], [scenes[i] for i in unseen], k, names,
                                                  [coarse[i] for i in unseen]) for row, m in maps.items()}

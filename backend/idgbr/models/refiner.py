@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .denoiser import Denoiser
-from .diffusion import apply_guard_band, boundary_map, ddim_sample, guard_band_mask, mask_codes, q_sample
+from .diffusion import apply_guard_band, ddim_sample, guard_band_mask, mask_codes, q_sample
 from .guidance import GuidanceNet
 
 
@@ -70,7 +70,7 @@ class Refiner(nn.Module):
         logits = self.predict(x_t, t, image, coarse_ids)
         per_pixel = F.cross_entropy(logits, x0_ids, reduction="none")
         wrong = (coarse_ids != truth) & valid
-        near_edge = F.max_pool2d(boundary_map(x0_ids).float()[:, None], 5, 1, 2)[:, 0] > 0
+        near_edge = guard_band_mask(x0_ids, 2)
         in_band = guard_band_mask(coarse_ids, focus_band)
         weight = valid.float() * (0.1 + in_band.float() * (1.0 + near_edge.float() + wrong.float()))
         return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
