@@ -315,7 +315,12 @@ class BackendClient:
         return self._request("GET", "/models")["models"]
 
     def submit(self, **fields: Any) -> str:
-        """Queue a job (fields of idgbr.pipeline.RunOptions; paths absolute; None = the default) and return its id."""
+        """Queue a job and return its id.
+
+        FIELDS are those of idgbr.pipeline.RunOptions (paths absolute; None = the default), e.g. input, output,
+        mode, coarse, model, steps, band / vocabulary (px, -1 = rule off), min_confidence (0..1, 0 = gate off)
+        and confidence (refine only: where to write the float32 confidence GeoTIFF).
+        """
         body = {key: _jsonable(value) for key, value in fields.items() if value is not None}
         return str(self._request("POST", "/jobs", body)["id"])
 

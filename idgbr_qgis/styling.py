@@ -1,4 +1,5 @@
-"""Paletted styling of class-id rasters from a model card's class table (names and colours)."""
+"""Styles of the outputs: paletted class-id rasters from a model card's class table (names and colours),
+categorized class polygons, and the refiner's confidence as a red-to-clear ramp."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ from typing import Any, Iterable, Mapping
 
 from qgis.core import (
     QgsCategorizedSymbolRenderer,
+    QgsColorRampShader,
     QgsFillSymbol,
     QgsPalettedRasterRenderer,
     QgsRasterLayer,
+    QgsRasterShader,
     QgsRendererCategory,
+    QgsSingleBandPseudoColorRenderer,
 )
 from qgis.PyQt.QtGui import QColor
 
@@ -75,3 +79,39 @@ def categorized_renderer(classes: Iterable[Mapping[str, Any]], field: str = "cla
         symbol.setOpacity(opacity)
         categories.append(QgsRendererCategory(entry.value, symbol, entry.label))
     return QgsCategorizedSymbolRenderer(field, categories)
+
+
+# The refiner's confidence, 0..1: unsure pixels stand out in red over the class map, sure ones are clear.
+CONFIDENCE_RAMP = (
+    (0.0, "#d7191c", 230, "0 — unsure"),
+    (0.5, "#fdae61", 170, "0.5"),
+    (0.8, "#ffffbf", 60, "0.8"),
+    (1.0, "#ffffff", 0, "1 — sure"),
+)
+
+
+def confidence_renderer(layer: QgsRasterLayer, band: int = 1) -> QgsSingleBandPseudoColorRenderer:
+    """A pseudocolour renderer of ``band`` over 0..1: red (unsure) through orange and pale yellow to
+    transparent white (sure). Nodata (-1) stays transparent."""
+    ramp = QgsColorRampShader(0.0, 1.0)
+    ramp.setColorRampType(QgsColorRampShader.Interpolated)
+    items = []
+    for value, name, alpha, label in CONFIDENCE_RAMP:
+        color = QColor(name)
+        color.setAlpha(alpha)
+        items.append(QgsColorRampShader.ColorRampItem(value, color, label))
+    ramp.setColorRampItemList(items)
+    ramp.setClip(True)  # values outside 0..1 (there are none but nodata) are not drawn
+    shader = QgsRasterShader(0.0, 1.0)
+    shader.setRasterShaderFunction(ramp)
+    renderer = QgsSingleBandPseudoColorRenderer(layer.dataProvider(), band, shader)
+    renderer.setClassificationMin(0.0)
+    renderer.setClassificationMax(1.0)
+    return renderer
+
+
+def apply_confidence_style(layer: QgsRasterLayer, band: int = 1) -> None:
+    """Style ``layer`` (the refiner's confidence output) with ``confidence_renderer``."""
+    layer.setRenderer(confidence_renderer(layer, band))
+    layer.triggerRepaint()
+    layer.emitStyleChanged()

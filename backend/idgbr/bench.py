@@ -170,6 +170,13 @@ def _gb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e9:.2f}"
 
 
+def _rules(card: dict) -> str:
+    from .checkpoint import rules_text
+
+    sampler = card.get("sampler", {})
+    return rules_text(sampler.get("band"), sampler.get("vocabulary"), sampler.get("min_confidence"))
+
+
 def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[float | None, float | None],
                   settings: dict) -> str:
     seg_flops, full_flops = flops
@@ -184,7 +191,7 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
              f"- software: Python {machine.get('python')}, PyTorch {machine.get('torch')} "
              f"({machine.get('threads')} threads)",
              f"- model: {card.get('name')} (tile {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
-             f"sampling steps {settings['steps']}, guard band {card.get('sampler', {}).get('guard_band')} px)",
+             f"sampling steps {settings['steps']}, {_rules(card)})",
              f"- device: {settings['device']}", ""]
     if seg_flops is not None:
         lines += [f"Model cost: **{seg_flops / 1e9:.1f} GFLOPs per megapixel** for the coarse segmenter, "

@@ -78,6 +78,17 @@ def split_state(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torc
     return {name[len(prefix):]: t for name, t in tensors.items() if name.startswith(prefix)}
 
 
+def rules_text(band: int | None, vocabulary: int | None, min_confidence: float | None) -> str:
+    """The refiner's never-harm rules in words: 'band 8 px, vocabulary 8 px, min confidence 0.5'; a rule
+    switched off (-1, None; 0 for the confidence) reads 'off'."""
+
+    def px(value: int | None) -> str:
+        return "off" if value is None or int(value) < 0 else f"{int(value)} px"
+
+    gate = "off" if not min_confidence else f"{float(min_confidence):g}"
+    return f"band {px(band)}, vocabulary {px(vocabulary)}, min confidence {gate}"
+
+
 def describe(card: dict) -> str:
     """Human-readable summary of a model card (what 'idgbr info' prints before the JSON)."""
     classes = ", ".join(f"{c['id']}={c['name']}" for c in card.get("classes", []))
@@ -89,7 +100,9 @@ def describe(card: dict) -> str:
         f"tile         {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
         f"nominal pixel {card.get('pixel_size_m')} m",
         f"sampler      {sampler.get('steps')} DDIM steps, strength {sampler.get('strength')}, "
-        f"guard band {sampler.get('guard_band')} px",
+        f"seed {sampler.get('seed')}",
+        f"rules        {rules_text(sampler.get('band'), sampler.get('vocabulary'), sampler.get('min_confidence'))} "
+        "(the refiner's never-harm rules; see 'idgbr refine --help')",
         f"parts        {', '.join(card.get('parts', []))}",
     ]
     return "\n".join(lines)

@@ -31,7 +31,12 @@ ROAD_CLASSES: tuple[ClassInfo, ...] = (
     ClassInfo(0, "background", "#D9D9D9"),
     ClassInfo(1, "road", "#E8412C"),
 )
+BUILDING_CLASSES: tuple[ClassInfo, ...] = (
+    ClassInfo(0, "background", "#D9D9D9"),
+    ClassInfo(1, "building", "#C0392B"),
+)
 DUBAI_ROAD_ID = 2
+DUBAI_BUILDING_ID = 3
 
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
@@ -52,8 +57,9 @@ def decode_dubai_mask(rgb: np.ndarray, max_distance: float = 40.0) -> np.ndarray
     return ids.reshape(rgb.shape[:2])
 
 
-def to_road_ids(dubai_ids: np.ndarray) -> np.ndarray:
-    """Binary road task from the 5-class ids: road = 1, everything else = 0, ignore kept."""
-    out = (dubai_ids == DUBAI_ROAD_ID).astype(np.uint8)
+def to_binary_ids(dubai_ids: np.ndarray, class_id: int) -> np.ndarray:
+    """A binary task from the 5-class ids: ``class_id`` = 1, everything else = 0, ignore kept."""
+    out = (dubai_ids == class_id).astype(np.uint8)
     out[dubai_ids == IGNORE_ID] = IGNORE_ID
     return out
+

@@ -54,6 +54,50 @@ class TerminalProgress:
             self.drawn = False
 
 
+def _card_sampler() -> dict:
+    """The bundled default model's sampler section, for the defaults shown in --help ({} when unreadable)."""
+    try:
+        from .checkpoint import read_card
+        from .model_bundle import default_model_path
+
+        return dict(read_card(default_model_path("dubai5")).get("sampler") or {})
+    except Exception:  # noqa: BLE001 - help must print even without a usable bundled model
+        return {}
+
+
+def _default_text(sampler: dict, key: str, unit: str = "") -> str:
+    """"default: the model card's; dubai5: 8 px" ('off' for a rule the card switches off)."""
+    try:
+        value = float(sampler[key])
+    except (KeyError, TypeError, ValueError):
+        return "default: the model card's"
+    off = value <= 0 if key == "min_confidence" else value < 0
+    return f"default: the model card's; dubai5: {'off' if off else f'{value:g}{unit}'}"
+
+
+def parse_rule(text: str | None, flag: str) -> int | None:
+    """A --band / --vocabulary value: PX (a whole number of pixels) or 'off' (-1)."""
+    if text is None:
+        return None
+    value = text.strip().lower()
+    if value in ("off", "-1", "none"):
+        return -1
+    try:
+        return int(value)
+    except ValueError:
+        raise IdgbrError(f"{flag} must be a whole number of pixels or 'off' (got {text!r}).") from None
+
+
+def parse_probability(text: str | None, flag: str) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise IdgbrError(f"{flag} must be a number from 0 to 1 (got {text!r}); 0 switches the gate off.") from None
+    return value
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
     parser.add_argument("input", type=Path, metavar="INPUT", help="input raster (GeoTIFF or any GDAL raster)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT",
@@ -82,27 +126,52 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
     parser.add_argument("--overlap", type=int, metavar="N",
                         help="overlap between tiles in pixels, blended (default: the model card's)")
     if refine:
-        parser.add_argument("--guard-band", type=int, metavar="PX",
-                            help="only pixels within PX of a coarse class boundary may change; 0 lets "
-                                 "the refiner change any pixel of a tile it refines (default: the model card's)")
+        sampler = _card_sampler()
+        parser.add_argument("--band", metavar="PX|off",
+                            help="the refiner may change a pixel only within PX of a coarse class boundary; 0 keeps "
+                                 f"the coarse map, off lifts the rule ({_default_text(sampler, 'band', ' px')})")
+        parser.add_argument("--vocabulary", metavar="PX|off",
+                            help="a pixel may only take a class the coarse map has within PX of it, so regions are "
+                                 "never invented or erased; off lifts the rule "
+                                 f"({_default_text(sampler, 'vocabulary', ' px')})")
+        parser.add_argument("--min-confidence", metavar="P",
+                            help="a pixel takes the refiner's class only where its probability is at least P, "
+                                 "else it keeps the coarse class; 0 switches the gate off, 1 keeps the coarse map "
+                                 f"({_default_text(sampler, 'min_confidence')})")
+        parser.add_argument("--confidence", type=Path, metavar="PATH",
+                            help="also write a float GeoTIFF on the input grid: the refiner's probability of each "
+                                 "written class (0..1; -1 where OUTPUT is nodata)")
+        # Deprecated spelling of --band (its 0 meant "no band", which is --band off now).
+        parser.add_argument("--guard-band", type=int, metavar="PX", help=argparse.SUPPRESS)
         parser.add_argument("--seed", type=int, default=0, metavar="N",
                             help="seed of the diffusion noise; results are reproducible per seed (default 0)")
+    else:
+        # Accepted only to explain that segment writes no confidence (the pipeline's error), not to fail on usage.
+        parser.add_argument("--confidence", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
 
 
 def _run_command(args: argparse.Namespace) -> int:
+    from .checkpoint import rules_text
     from .pipeline import RunOptions, run
     from .raster.bands import parse_bands
     from .raster.io import parse_extent
 
     # Parsed here rather than by argparse so a bad value gets the same one-line error as other bad inputs.
+    band = parse_rule(getattr(args, "band", None), "--band")
+    guard_band = getattr(args, "guard_band", None)
+    if guard_band is not None:
+        log.warning("--guard-band is deprecated: use --band (--guard-band 0 is --band off).")
+        if band is None:
+            band = -1 if guard_band == 0 else guard_band
     options = RunOptions(
         input=args.input, output=args.output, mode=args.command, coarse=getattr(args, "coarse", None),
         model=args.model, steps=getattr(args, "steps", None), device=args.device,
         bands=parse_bands(args.bands) if args.bands else None,
         extent=parse_extent(args.extent) if args.extent else None, extent_crs=args.extent_crs, tile=args.tile,
-        overlap=args.overlap,
-        guard_band=getattr(args, "guard_band", None), seed=getattr(args, "seed", 0))
+        overlap=args.overlap, band=band, vocabulary=parse_rule(getattr(args, "vocabulary", None), "--vocabulary"),
+        min_confidence=parse_probability(getattr(args, "min_confidence", None), "--min-confidence"),
+        confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0))
     bar = None if args.quiet or not sys.stderr.isatty() else TerminalProgress(sys.stderr)
     try:
         result = run(options, progress=bar)
@@ -115,6 +184,13 @@ def _run_command(args: argparse.Namespace) -> int:
                 if result.mode == "refine" else f"{result.tiles} tiles")
         print(f"Wrote {result.output}: {result.width} x {result.height} px, {done}, {result.seconds:.1f} s "
               f"({rate:.2f} s/MP) on {result.device}.")
+        if result.mode == "refine":
+            valid = result.width * result.height - result.nodata_pixels
+            share = 100 * result.changed_pixels / valid if valid else 0.0
+            print(f"Changed {result.changed_pixels} px ({share:.2f} %) of the coarse map; rules: "
+                  f"{rules_text(result.band, result.vocabulary, result.min_confidence)}.")
+        if result.confidence is not None:
+            print(f"Wrote {result.confidence}: the refiner's confidence (float32, 0..1).")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Synthetic degradations of class maps, so the refiner learns to repair maps of *any* model.
 
-Each turns a (B, H, W) id map into a plausible coarse prediction: blocky (low output resolution),
-shifted or jittered boundaries, eroded or dilated classes, smoothed corners and small spurious blobs.
+Each turns a (B, H, W) id map into a plausible coarse prediction, across the scales of real models' errors:
+blocky (output stride 4 to 32 px), boundaries displaced by 2 to 16 px (a smooth warp or a shift), eroded or
+dilated classes, smoothed corners, lost thin structures and small spurious blobs.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def _smooth_field(batch: int, height: int, width: int, cells: int, generator: to
 
 
 def blocky(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    factor = int([4, 8, 16][torch.randint(0, 3, (1,), generator=generator)])
+    factor = int([4, 8, 12, 16, 24, 32][torch.randint(0, 6, (1,), generator=generator)])
     votes = F.avg_pool2d(_one_hot(ids, k), factor, ceil_mode=True)
     return F.interpolate(votes, size=ids.shape[-2:], mode="nearest").argmax(1)
 
@@ -41,10 +42,11 @@ def smooth(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tenso
     return probs.argmax(1)
 
 
-def jitter(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    """Displace boundaries by a smooth random warp of up to ~8 px."""
+def jitter(ids: torch.Tensor, k: int, generator: torch.Generator,
+           amplitude_range: tuple[float, float] = (2.0, 16.0)) -> torch.Tensor:
+    """Displace boundaries by a smooth random warp of 2 to 16 px."""
     batch, height, width = ids.shape
-    amplitude = float(torch.empty(1).uniform_(2.0, 8.0, generator=generator))
+    amplitude = float(torch.empty(1).uniform_(*amplitude_range, generator=generator))
     cells = int(torch.randint(4, 12, (1,), generator=generator))
     dy = _smooth_field(batch, height, width, cells, generator) * amplitude * 2 / height
     dx = _smooth_field(batch, height, width, cells, generator) * amplitude * 2 / width
@@ -54,9 +56,34 @@ def jitter(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tenso
     return warped[:, 0].long()
 
 
+def shift(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Move the whole map by 2 to 12 px (a misregistered map, or a model biased to one side)."""
+    dy, dx = (int(v) for v in torch.randint(-12, 13, (2,), generator=generator))
+    if abs(dy) < 2 and abs(dx) < 2:
+        dx = 2 if dx >= 0 else -2
+    height, width = ids.shape[-2:]
+    padded = F.pad(ids[:, None].float(), (abs(dx), abs(dx), abs(dy), abs(dy)), mode="replicate")[:, 0].long()
+    return padded[:, abs(dy) - dy : abs(dy) - dy + height, abs(dx) - dx : abs(dx) - dx + width]
+
+
+def lose_thin(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    """Parts of one class thinner than 3 to 11 px vanish into their surroundings (an opening), as thin roads
+    and narrow gaps do in low-resolution predictions."""
+    size = int([3, 5, 7, 9, 11][torch.randint(0, 5, (1,), generator=generator)])
+    cls = int(torch.randint(0, k, (1,), generator=generator))
+    mask = (ids == cls).float()[:, None]
+    opened = F.max_pool2d(-F.max_pool2d(-mask, size, 1, size // 2), size, 1, size // 2)[:, 0] > 0
+    lost = (ids == cls) & ~opened
+    # A lost pixel takes the most common other class around it.
+    others = _one_hot(ids, k)
+    others[:, cls] = 0
+    around = F.avg_pool2d(others, 2 * size + 1, 1, size, count_include_pad=False).argmax(1)
+    return torch.where(lost, around, ids)
+
+
 def erode_dilate(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
     """Grow one random class into its neighbours (dilation of it = erosion of the others)."""
-    size = int([3, 5, 7, 9][torch.randint(0, 4, (1,), generator=generator)])
+    size = int([3, 5, 7, 9, 13, 17][torch.randint(0, 6, (1,), generator=generator)])
     cls = int(torch.randint(0, k, (1,), generator=generator))
     grown = F.max_pool2d((ids == cls).float()[:, None], size, 1, size // 2)[:, 0] > 0
     return torch.where(grown, torch.full_like(ids, cls), ids)
@@ -75,7 +102,7 @@ def spurious_blobs(ids: torch.Tensor, k: int, generator: torch.Generator) -> tor
 
 # Boundary and small-blob errors only. Whole-region class flips were tried and taught the refiner to overrule the coarse
 # map's semantics, which it then did wrongly on unseen imagery (mIoU fell); semantics are the coarse model's job.
-DEGRADATIONS = (blocky, smooth, jitter, erode_dilate, spurious_blobs)
+DEGRADATIONS = (blocky, smooth, jitter, shift, erode_dilate, lose_thin, spurious_blobs)
 
 
 def random_degradation(ids: torch.Tensor, k: int, generator: torch.Generator, ignore_index: int = 255

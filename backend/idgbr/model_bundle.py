@@ -110,15 +110,17 @@ class ModelBundle:
 
     @torch.inference_mode()
     def refine(self, images: torch.Tensor, coarse_ids: torch.Tensor, origins: list[tuple[int, int]], *,
-               steps: int | None = None, seed: int | None = None, guard_band: int | None = None,
-               strength: float | None = None) -> torch.Tensor:
-        """Refined class logits (B, K, H, W); defaults come from the card's sampler section."""
+               steps: int | None = None, seed: int | None = None, band: int | None = None,
+               vocabulary: int | None = None, strength: float | None = None) -> torch.Tensor:
+        """Refined class logits (B, K, H, W) under the band and vocabulary rules (-1 = rule off);
+        None takes the card's sampler default."""
         if self.refiner is None:
             raise IdgbrError("This model file has no refiner; use segment mode or another model.")
         sampler = self.card.get("sampler", {})
-        steps = int(sampler.get("steps", 4) if steps is None else steps)
+        steps = int(sampler.get("steps", 2) if steps is None else steps)
         seed = int(sampler.get("seed", 0) if seed is None else seed)
-        guard_band = int(sampler.get("guard_band", 0) if guard_band is None else guard_band)
+        band = int(sampler.get("band", -1) if band is None else band)
+        vocabulary = int(sampler.get("vocabulary", -1) if vocabulary is None else vocabulary)
         strength = float(sampler.get("strength", 1.0) if strength is None else strength)
         if steps < 1 or steps > 100:
             raise IdgbrError(f"steps must be between 1 and 100 (got {steps}).")
@@ -127,7 +129,7 @@ class ModelBundle:
                              for origin in origins[:batch]]).to(self.device)
         with self._autocast():
             logits = self.refiner.sample(self._prepare(images), coarse_ids.to(self.device), noise, steps,
-                                         strength, guard_band)
+                                         strength, band, vocabulary)
         return logits.float()
 
     def flops_per_megapixel(self, steps: int | None = None, refine: bool = True) -> float:
@@ -163,12 +165,9 @@ def build_bundle(tensors: dict[str, torch.Tensor], card: dict, device: torch.dev
             coarse = build_coarse(arch["coarse"])
             coarse.load_state_dict(split_state(tensors, "coarse."))
         if "refiner" in arch:
-            spec = arch["refiner"]
-            config = RefinerConfig(**{**spec, "guidance_widths": tuple(spec["guidance_widths"]),
-                                      "denoiser_widths": tuple(spec["denoiser_widths"])})
-            refiner = Refiner(config)
+            refiner = Refiner(RefinerConfig.from_dict(arch["refiner"]))
             refiner.load_state_dict(split_state(tensors, "refiner."))
-    except (RuntimeError, TypeError, KeyError) as exc:
+    except (RuntimeError, TypeError, KeyError, ValueError) as exc:
         raise IdgbrError(f"The weights in {source or 'the model file'} do not match its model card ({exc}). "
                          "The file is damaged or was edited; use the bundled model or retrain.") from exc
     if coarse is None and refiner is None:

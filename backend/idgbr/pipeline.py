@@ -1,8 +1,10 @@
-"""One run of the product: INPUT raster -> class-id GeoTIFF, through the coarse segmenter and (in refine
-mode) the diffusion refiner. Used by the command line, the service and the demo."""
+"""One run of the product: INPUT raster -> class-id GeoTIFF (and, on request, the refiner's confidence),
+through the coarse segmenter and (in refine mode) the diffusion refiner. Used by the command line, the
+service and the demo."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -16,12 +18,24 @@ from .errors import IdgbrError
 from .model_bundle import load_bundle
 from .raster.bands import make_scaler, select_bands
 from .raster.engine import Engine, EngineConfig
-from .raster.io import CoarseSource, OutputWriter, check_output, extent_window, gdal_env, has_masks, open_raster
+from .raster.io import (
+    CoarseSource,
+    ConfidenceWriter,
+    OutputWriter,
+    check_output,
+    commit_all,
+    extent_window,
+    gdal_env,
+    has_masks,
+    open_raster,
+    same_file,
+)
 
 log = logging.getLogger("idgbr")
 
 MODES = ("refine", "segment")
 MAX_TILE = 4096
+MAX_RULE_PX = 1024  # largest band / vocabulary radius
 BLOCK_WIDTH = 8192  # column block width: bounds buffer memory for very wide rasters
 
 
@@ -39,7 +53,10 @@ class RunOptions:
     extent_crs: str | None = None  # e.g. "EPSG:4326"; None -> the raster's CRS
     tile: int | None = None
     overlap: int | None = None
-    guard_band: int | None = None
+    band: int | None = None  # refine: change only within this many px of a coarse boundary; -1 off; None card
+    vocabulary: int | None = None  # refine: only classes the coarse map has within this many px; -1 off; None card
+    min_confidence: float | None = None  # refine: keep a change only at this probability (0 off); None card
+    confidence: Path | None = None  # refine: also write the float32 confidence GeoTIFF here
     seed: int = 0
 
 
@@ -61,6 +78,12 @@ class RunResult:
     notes: list[str] = field(default_factory=list)  # what the run decided for the user (scaling, CRS)
     coarse_tiles: int = 0  # tiles through the coarse segmenter (0 with --coarse)
     tile_shape: tuple[int, int] = (0, 0)  # (rows, cols) of each tile
+    # The refiner's rules in effect (refine mode; None in segment mode): -1 / 0.0 = off.
+    band: int | None = None
+    vocabulary: int | None = None
+    min_confidence: float | None = None
+    changed_pixels: int = 0  # written pixels whose class differs from the coarse map (refine mode)
+    confidence: Path | None = None  # the confidence GeoTIFF, when one was written
 
     @property
     def megapixels(self) -> float:
@@ -73,6 +96,7 @@ class RunResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["output"] = str(self.output)
+        data["confidence"] = str(self.confidence) if self.confidence is not None else None
         data["class_pixels"] = {str(k): v for k, v in self.class_pixels.items()}
         data["megapixels"] = self.megapixels
         data["refined_share"] = self.refined_share
@@ -85,11 +109,18 @@ def default_batch(device_type: str) -> int:
     return 8 if device_type == "cuda" else 1
 
 
-def _check_int(name: str, value: int | None, low: int, high: int, flag: str) -> None:
+def _check_int(name: str, value: int | None, low: int, high: int, flag: str, hint: str = "") -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise IdgbrError(f"{name} must be a whole number from {low} to {high} (got {value!r}); fix {flag}.")
+        raise IdgbrError(f"{name} must be a whole number from {low} to {high}{hint} (got {value!r}); fix {flag}.")
+
+
+def _check_probability(name: str, value: float | None, flag: str, hint: str = "") -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+        raise IdgbrError(f"{name} must be a number from 0 to 1{hint} (got {value!r}); fix {flag}.")
 
 
 def _validate(options: RunOptions) -> None:
@@ -100,8 +131,27 @@ def _validate(options: RunOptions) -> None:
     _check_int("steps", options.steps, 1, 100, "--steps")
     _check_int("tile", options.tile, 16, MAX_TILE, "--tile")
     _check_int("overlap", options.overlap, 0, MAX_TILE // 2, "--overlap")
-    _check_int("guard band", options.guard_band, 0, 1024, "--guard-band")
+    _check_int("band", options.band, -1, MAX_RULE_PX, "--band", " (-1 or 'off': rule off)")
+    _check_int("vocabulary", options.vocabulary, -1, MAX_RULE_PX, "--vocabulary", " (-1 or 'off': rule off)")
+    _check_probability("min confidence", options.min_confidence, "--min-confidence", " (0: gate off)")
     _check_int("seed", options.seed, 0, 2**31 - 1, "--seed")
+    if options.confidence is not None:
+        if options.mode != "refine":
+            raise IdgbrError("The confidence output is the refiner's: segment mode has none. Drop --confidence "
+                             "or run 'idgbr refine'.")
+        if same_file(options.confidence, options.output):
+            raise IdgbrError(f"--confidence and OUTPUT are the same file ({options.output}); give the confidence "
+                             "its own file name, e.g. confidence.tif.")
+
+
+def _sampler_rules(card: dict, options: RunOptions) -> tuple[int, int, float]:
+    """Band, vocabulary and min confidence of the run: the options, else the card's defaults (else off)."""
+    sampler = card.get("sampler", {})
+    band = int(sampler.get("band", -1)) if options.band is None else options.band
+    vocabulary = int(sampler.get("vocabulary", -1)) if options.vocabulary is None else options.vocabulary
+    min_confidence = (float(sampler.get("min_confidence", 0.0)) if options.min_confidence is None
+                      else float(options.min_confidence))
+    return band, vocabulary, min_confidence
 
 
 def _notes_for_crs(src, card: dict) -> list[str]:
@@ -131,8 +181,12 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
     _validate(options)
     input_path, output = Path(options.input), Path(options.output)
     coarse_path = Path(options.coarse) if options.coarse is not None else None
+    confidence_path = Path(options.confidence) if options.confidence is not None else None
     with gdal_env(), open_raster(input_path) as src:
         check_output(output, [("INPUT", input_path), ("the coarse map", coarse_path)])
+        if confidence_path is not None:
+            check_output(confidence_path, [("INPUT", input_path), ("the coarse map", coarse_path)],
+                         what="the confidence output (--confidence)")
         bundle = load_bundle(options.model, options.device)
         card = bundle.card
         if options.mode == "segment" and bundle.coarse is None:
@@ -158,10 +212,11 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                              f"from 0 to {tile // 2}.")
         sampler = card.get("sampler", {})
         steps = int(sampler.get("steps", 4)) if options.steps is None else options.steps
-        guard_band = int(sampler.get("guard_band", 0)) if options.guard_band is None else options.guard_band
+        band, vocabulary, min_confidence = _sampler_rules(card, options)
         config = EngineConfig(mode=options.mode, tile=tile, overlap=overlap,
                               batch=default_batch(bundle.device.type), steps=steps, seed=options.seed,
-                              guard_band=guard_band, max_block_width=BLOCK_WIDTH)
+                              band=band, vocabulary=vocabulary, min_confidence=min_confidence,
+                              max_block_width=BLOCK_WIDTH)
         coarse = None
         try:
             if coarse_path is not None:
@@ -174,11 +229,19 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
             tags = {"IDGBR_MODEL": str(card.get("name", "")), "IDGBR_MODE": options.mode,
                     "IDGBR_STEPS": str(steps if options.mode == "refine" else 0), "IDGBR_SEED": str(options.seed),
                     "IDGBR_VERSION": __version__, "IDGBR_INPUT": input_path.name}
-            with OutputWriter(output, src, window, list(card["classes"]), tags) as writer:
+            if options.mode == "refine":
+                tags.update(IDGBR_BAND=str(band), IDGBR_VOCABULARY=str(vocabulary),
+                            IDGBR_MIN_CONFIDENCE=f"{min_confidence:g}")
+            with contextlib.ExitStack() as outputs:
+                writer = outputs.enter_context(OutputWriter(output, src, window, list(card["classes"]), tags))
+                confidence_writer = None
+                if confidence_path is not None:
+                    confidence_writer = outputs.enter_context(ConfidenceWriter(confidence_path, src, window, tags))
                 engine = Engine(bundle, src, window, bands, scaler, has_masks(src, bands), coarse, config,
-                                writer, progress, cancel)
+                                writer, progress, cancel, confidence_writer=confidence_writer)
                 stats = engine.run()
-                writer.commit()
+                # Both or neither: the confidence first, so a failing class output takes it away again.
+                commit_all([w for w in (confidence_writer, writer) if w is not None])
         finally:
             if coarse is not None:
                 coarse.close()
@@ -189,6 +252,10 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         steps=steps if options.mode == "refine" else 0, classes=list(card["classes"]),
         class_pixels=stats.class_pixels, nodata_pixels=stats.nodata_pixels, notes=notes,
         coarse_tiles=stats.coarse_tiles, tile_shape=stats.tile_shape)
+    if options.mode == "refine":
+        result.band, result.vocabulary, result.min_confidence = band, vocabulary, min_confidence
+        result.changed_pixels = stats.changed_pixels
+        result.confidence = confidence_path
     if options.mode == "refine":
         log.info(f"Refined {result.tiles_refined} of {result.tiles} tiles ({100 * result.refined_share:.0f} %); "
                  "the others had no class boundary.")

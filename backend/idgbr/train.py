@@ -13,25 +13,25 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import load_checkpoint, save_checkpoint
-from .classes import DUBAI_CLASSES, DUBAI_ROAD_ID, IGNORE_ID, ROAD_CLASSES
-from .data import CropSampler, Scene, channel_stats, load_scenes, normalize
-from .degrade import random_degradation
+from .checkpoint import save_checkpoint
+from .classes import BUILDING_CLASSES, DUBAI_CLASSES, DUBAI_ROAD_ID, IGNORE_ID, ROAD_CLASSES
+from .data import CropSampler, Scene, channel_stats, load_accra, load_scenes, normalize
 from .errors import IdgbrError
-from .model_bundle import ModelBundle, build_bundle, build_coarse, select_device
+from .model_bundle import ModelBundle, build_coarse, select_device
 from .models.coarse import CoarseConfig
 from .models.fcn import FCN_KIND, FcnConfig
-from .models.refiner import Refiner, RefinerConfig
+from .refiner_training import RefinerRun, autocast_for, train_refiner
 
 # What validation chose for both bundled models; `python -m idgbr.validate` rewrites it per model.
 DEFAULT_SAMPLER = {"steps": 2, "strength": 1.0, "guard_band": 0, "seed": 0}
 
 
-def base_card(name: str, task: str, mean: list[float], std: list[float]) -> dict:
-    classes = DUBAI_CLASSES if task == "multiclass" else ROAD_CLASSES
+def base_card(name: str, task: str, mean: list[float], std: list[float], pixel_size_m: float = 0.5) -> dict:
+    """``task``: "multiclass", or a binary task ("binary"/"roads": road vs. rest, "buildings")."""
+    classes = {"multiclass": DUBAI_CLASSES, "buildings": BUILDING_CLASSES}.get(task, ROAD_CLASSES)
     return {
         "name": name,
-        "task": task,
+        "task": "multiclass" if task == "multiclass" else "binary",
         "num_classes": len(classes),
         "classes": [c.to_dict() for c in classes],
         "bands": ["red", "green", "blue"],
@@ -41,7 +41,7 @@ def base_card(name: str, task: str, mean: list[float], std: list[float]) -> dict
         "overlap": 64,
         "size_multiple": 16,
         # The Dubai imagery states no ground sample distance; 0.5 m is the nominal value we assume.
-        "pixel_size_m": 0.5,
+        "pixel_size_m": pixel_size_m,
         "sampler": dict(DEFAULT_SAMPLER),
         "architecture": {},
         "parts": [],
@@ -101,19 +101,27 @@ def _log(message: str) -> None:
 
 
 def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: float, minutes: float | None,
-                 batch: int, crop: int, lr: float, device_name: str, seed: int, architecture: str = "encoder-decoder"
-                 ) -> dict:
+                 batch: int, crop: int, lr: float, device_name: str, seed: int, architecture: str = "encoder-decoder",
+                 accra: Path | None = None) -> dict:
     torch.manual_seed(seed)
     device = select_device(device_name)
     scenes = load_scenes(data, tiles, task)
+    # Normalisation from the Dubai tiles for every model, so that one refiner can serve several of them.
     mean, std = channel_stats(scenes)
-    card = base_card(out.stem, task, mean, std)
+    pixel_size = 0.5
+    if accra is not None:
+        # Drone tiles at ~0.2 and ~0.4 m beside the Dubai tiles at ~0.5 m; the model works at ~0.3 m.
+        scenes += load_accra(accra, "train", 4) + load_accra(accra, "train", 8)
+        pixel_size = 0.3
+    card = base_card(out.stem, task, mean, std, pixel_size)
     config = (FcnConfig if architecture == FCN_KIND else CoarseConfig)(num_classes=card["num_classes"])
     model = build_coarse(config.to_dict()).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     iterations = _iterations(scenes, crop, batch, epochs)
     schedule = Schedule(optimizer, lr, iterations, minutes)
-    sampler = CropSampler(scenes, crop, seed=seed)
+    sampler = CropSampler(scenes, crop, scale_range=(0.6, 1.7) if accra else (0.75, 1.33), seed=seed,
+                          strong_photometric=accra is not None)
+    autocast, precision = autocast_for(device, "auto")
     class_weight = inverse_sqrt_frequency(scenes, card["num_classes"]).to(device)
     model.train()
     iteration, running, started = 0, 0.0, time.monotonic()
@@ -121,7 +129,7 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
         images, labels, _ = sampler.sample(batch)
         images = normalize(images, mean, std).to(device)
         labels = labels.to(device)
-        with _autocast(device):
+        with autocast:
             logits = model(images)
         loss = F.cross_entropy(logits.float(), labels, weight=class_weight, ignore_index=IGNORE_ID)
         optimizer.zero_grad(set_to_none=True)
@@ -134,7 +142,8 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
     card["architecture"]["coarse"] = config.to_dict()
     card["parts"] = ["coarse"]
     card["training"]["coarse"] = {
-        "tiles": tiles, "iterations": iteration, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
+        "tiles": tiles, "accra": accra is not None, "precision": precision,
+        "iterations": iteration, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
         "minutes": round((time.monotonic() - started) / 60, 1), "device": str(device), "final_loss": round(running, 4),
     }
     save_checkpoint(out, {f"coarse.{k}": v for k, v in model.state_dict().items()}, card)
@@ -143,8 +152,9 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
 
 
 @torch.inference_mode()
-def predict_scene(bundle: ModelBundle, scene: Scene, task: str) -> np.ndarray:
-    """Coarse ids of a whole scene with a coarse model (used for out-of-fold predictions)."""
+def predict_scene(bundle: ModelBundle, scene: Scene, task: str, foreground: int | None = None) -> np.ndarray:
+    """Coarse ids of a whole scene with a coarse model. For a binary ``task`` a multiclass model's
+    ``foreground`` class (default: road) against the rest is a legitimate coarse map."""
     card = bundle.card
     image = bundle.normalize(scene.image.transpose(2, 0, 1))
     height, width = image.shape[-2:]
@@ -152,116 +162,29 @@ def predict_scene(bundle: ModelBundle, scene: Scene, task: str) -> np.ndarray:
     pad_h, pad_w = (-height) % multiple, (-width) % multiple
     image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
     ids = bundle.segment(image)[0, :, :height, :width].argmax(0).byte().cpu().numpy()
-    if task == "binary" and card["task"] == "multiclass":
-        # A 5-class model's road pixels are a legitimate coarse map for the binary road task.
-        ids = (ids == DUBAI_ROAD_ID).astype(np.uint8)
+    if task != "multiclass" and card["task"] == "multiclass":
+        ids = (ids == (DUBAI_ROAD_ID if foreground is None else foreground)).astype(np.uint8)
     return ids
-
-
-def train_refiner(data: Path, out: Path, coarse_model: Path, oof: list[tuple[Path, list[str]]], epochs: float,
-                  minutes: float | None, batch: int, crop: int, lr: float, device_name: str, seed: int) -> dict:
-    torch.manual_seed(seed)
-    device = select_device(device_name)
-    coarse_tensors, card = load_checkpoint(coarse_model)
-    task = card["task"]
-    tiles = card["training"]["coarse"]["tiles"]
-    scenes = load_scenes(data, tiles, task)
-    # Real coarse maps: out-of-fold where fold models are given (each scene predicted by a model that never saw
-    # its tile), else the coarse model's own predictions, whose boundary errors are still those of a real CNN.
-    fold_bundles = {path: build_bundle(*load_checkpoint(path), device, path) for path, _ in oof}
-    oof_by_tile = {tile: fold_bundles[path] for path, fold_tiles in oof for tile in fold_tiles}
-    own = build_bundle(coarse_tensors, card, device, coarse_model) if len(oof_by_tile) < len(tiles) else None
-    for scene in scenes:
-        scene.extra = predict_scene(oof_by_tile.get(scene.name.split("/")[0], own), scene, task)
-    with_oof = sum(scene.name.split("/")[0] in oof_by_tile for scene in scenes)
-    _log(f"refiner: {len(scenes)} scenes, {with_oof} with out-of-fold coarse maps, the rest the model's own")
-    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
-    config = RefinerConfig(num_classes=card["num_classes"])
-    model = Refiner(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    iterations = _iterations(scenes, crop, batch, epochs)
-    schedule = Schedule(optimizer, lr, iterations, minutes)
-    sampler = CropSampler(scenes, crop, seed=seed + 1)
-    generator = torch.Generator().manual_seed(seed)
-    k = card["num_classes"]
-    model.train()
-    iteration, running, started = 0, 0.0, time.monotonic()
-    state = {"iteration": 0, "loss": 0.0, "started": started}
-    meta = {"tiles": tiles, "batch": batch, "crop": crop, "lr": lr, "seed": seed, "device": str(device)}
-    save = _refiner_saver(out, card, coarse_tensors, model, config, oof, meta, state)
-    last_save = started
-    while schedule.step(iteration):
-        images, labels, real_ids = sampler.sample(batch)
-        synthetic = random_degradation(labels, k, generator)
-        # Half real coarse maps, half synthetic boundary errors. Real maps of the training tiles are cleaner
-        # than on unseen imagery, so half of the time they are degraded further. No class weights here: the
-        # coarse model's are already in its maps, and weighting again made the refiner widen roads.
-        use_real = (torch.rand(batch, generator=generator) < 0.5)[:, None, None]
-        if torch.rand(1, generator=generator).item() < 0.5:
-            real_ids = random_degradation(real_ids, k, generator)
-        coarse = torch.where(use_real, real_ids, synthetic).clamp(0, k - 1)
-        images = normalize(images, mean, std).to(device)
-        with _autocast(device):
-            loss = model.loss(images, coarse.to(device), labels.to(device))
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        running = 0.98 * running + 0.02 * loss.item() if iteration else loss.item()
-        iteration += 1
-        state.update(iteration=iteration, loss=running)
-        if iteration % 50 == 0:
-            _log(f"refiner it {iteration} loss {running:.4f} {time.monotonic() - started:.0f}s")
-        if time.monotonic() - last_save > 600:  # a usable checkpoint survives an interrupted run
-            save()
-            last_save = time.monotonic()
-    save()
-    return card
-
-
-def _refiner_saver(out: Path, card: dict, coarse_tensors: dict, model: torch.nn.Module, config: RefinerConfig,
-                   oof: list, meta: dict, state: dict):
-    def save() -> None:
-        card["name"] = out.stem
-        card["architecture"]["refiner"] = config.to_dict()
-        card["parts"] = ["coarse", "refiner"]
-        card["training"]["refiner"] = {
-            **meta, "out_of_fold_models": {p.name: t for p, t in oof}, "iterations": state["iteration"],
-            "minutes": round((time.monotonic() - state["started"]) / 60, 1), "final_loss": round(state["loss"], 4),
-            "coarse_sources": "50% real coarse predictions (out-of-fold where fold models were given, else the "
-                              "coarse model's own), 50% synthetic boundary degradations (blocky, smooth, jitter, "
-                              "erode/dilate, small spurious blobs)",
-        }
-        tensors = dict(coarse_tensors)
-        tensors.update({f"refiner.{name}": v for name, v in model.state_dict().items()})
-        save_checkpoint(out, tensors, card)
-        _log(f"wrote {out} at iteration {state['iteration']}")
-
-    return save
-
-
-def _parse_oof(values: list[str]) -> list[tuple[Path, list[str]]]:
-    folds = []
-    for value in values:
-        path, _, tiles = value.rpartition(":")
-        if not path or not tiles:
-            raise IdgbrError(f"--oof expects MODEL:TILE,TILE (got {value!r})")
-        folds.append((Path(path), tiles.split(",")))
-    return folds
 
 
 def _run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
-    common = dict(epochs=args.epochs, minutes=args.minutes, batch=args.batch, crop=args.crop, lr=args.lr,
-                  device_name=args.device, seed=args.seed)
+    common = dict(epochs=args.epochs, minutes=args.minutes, batch=args.batch, crop=args.crop,
+                  lr=args.lr if args.lr is not None else 2e-3, device_name=args.device, seed=args.seed)
     if args.stage == "coarse":
         train_coarse(args.data, args.output, args.tiles.split(","), args.task, architecture=args.architecture,
-                     **common)
+                     accra=args.accra, **common)
     else:
         if not args.coarse_model:
             raise IdgbrError("idgbr train refiner needs --coarse-model (a file from 'idgbr train coarse').")
-        train_refiner(args.data, args.output, args.coarse_model, _parse_oof(args.oof), **common)
+        train_refiner(RefinerRun(
+            data=args.data, output=args.output, coarse_model=args.coarse_model, coarse_sources=args.coarse_source,
+            accra=args.accra, tiles=args.tiles.split(","), pixel_classifier=args.pixel_classifier,
+            iterations=args.iterations, minutes=args.minutes, session_iterations=args.session_iterations,
+            save_minutes=args.save_minutes, batch=args.batch,
+            crop=args.crop, lr=args.lr if args.lr is not None else 1e-3, device=args.device,
+            precision=args.precision, seed=args.seed, resume=args.resume, warm_start=args.warm_start))
     return 0
 
 
@@ -271,22 +194,40 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/dubai-aerial"),
                         help="the dubai-aerial folder (tileN/images/*.jpg and tileN/masks/*.png)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.safetensors)")
-    parser.add_argument("--task", choices=["multiclass", "binary"], default="multiclass",
-                        help="coarse only: 5 land-cover classes, or binary road vs. rest")
+    parser.add_argument("--task", choices=["multiclass", "binary", "roads", "buildings"], default="multiclass",
+                        help="coarse only: 5 land-cover classes, or binary road (binary, roads) or building vs. rest")
     parser.add_argument("--architecture", choices=["encoder-decoder", FCN_KIND], default="encoder-decoder",
                         help="coarse only: the bundled encoder-decoder CNN, or a plain FCN (a second, different "
                              "discriminative model, used to validate the refiner on other models' maps)")
     parser.add_argument("--tiles", default="tile1,tile2,tile3,tile4,tile5,tile6",
                         help="coarse only: training tiles (tile8 is held out for validation)")
     parser.add_argument("--coarse-model", type=Path, help="refiner only: the trained coarse model file")
-    parser.add_argument("--oof", action="append", default=[], metavar="MODEL:TILES",
-                        help="refiner only: a fold coarse model and the tiles it never saw (repeatable); "
-                             "other tiles use the coarse model's own predictions")
+    parser.add_argument("--coarse-source", action="append", default=[], type=Path, metavar="MODEL",
+                        help="refiner only: another model file whose coarse maps of the training tiles are "
+                             "training inputs (repeatable); the --coarse-model's own maps always are")
+    parser.add_argument("--pixel-classifier", action="store_true",
+                        help="refiner only (multiclass): also train on a gradient-boosted pixel classifier's maps")
+    parser.add_argument("--accra", type=Path, default=None,
+                        help="binary tasks: the accra-buildings folder; its drone tiles join the training")
+    parser.add_argument("--iterations", type=int, default=6000,
+                        help="refiner only: length of the whole run (the learning-rate schedule), over sessions")
+    parser.add_argument("--session-iterations", type=int, default=None,
+                        help="refiner only: end this run after this many iterations (resume later)")
+    parser.add_argument("--save-minutes", type=float, default=5.0,
+                        help="refiner only: write the model and the resumable training state this often")
+    parser.add_argument("--resume", action="store_true",
+                        help="refiner only: continue from OUTPUT.state.pt (written by an earlier run)")
+    parser.add_argument("--warm-start", type=Path, default=None, metavar="MODEL",
+                        help="refiner only, with --resume: where OUTPUT.state.pt is missing, continue from this model "
+                             "file's refiner (its averaged weights and recorded iterations; a fresh optimizer)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
+                        help="refiner only: bf16 autocast (auto: on CUDA and on CPUs with bf16 matrix units)")
     parser.add_argument("--epochs", type=float, default=30.0, help="passes over the training pixels")
-    parser.add_argument("--minutes", type=float, default=None, help="wall-clock budget; ends training early")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="wall-clock budget of this run (a refiner run can be resumed later)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=256, help="training crop size in pixels (multiple of 16)")
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (coarse 2e-3, refiner 1e-3)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or mps (CUDA uses bfloat16 autocast)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: PyTorch's default)")

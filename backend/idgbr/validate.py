@@ -1,12 +1,17 @@
-"""Validation on the held-out Dubai tile: picks the sampler defaults, writes the model card's metrics and
-the table and figure of docs/MODEL_CARD.md.
+"""Validation on data the models never saw: picks the sampler defaults, writes the model card's metrics and
+the tables and figure of docs/MODEL_CARD.md.
 
     python -m idgbr.validate --model resources/models/dubai5.safetensors --data ../shared/datasets/dubai-aerial
 
-Coarse maps come from different discriminative models: the bundled CNN segmenter, a second CNN of a
-different architecture (a plain FCN, `idgbr train coarse --architecture fcn`) and a classical
-gradient-boosted pixel classifier. Each is refined by the diffusion refiner (one step = the one-shot
-refiner of the same network, and N steps) and by a classical superpixel refiner.
+Datasets: the held-out Dubai tile 8 (whole), and for building models the Accra `val/` band (drone tiles
+shrunk to ~0.2 m). Coarse maps come from many sources, because a user brings *their own* model's map:
+the bundled CNN segmenter, a second CNN of another architecture (a plain FCN), a gradient-boosted pixel
+classifier, blocky maps (8, 16 and 32 px blocks, as from a low-resolution model) and maps with displaced
+boundaries. Each is refined by a classical superpixel refiner, by the one-shot refiner (1 step of the same
+network) and by the default sampler.
+
+Defaults (steps, band = vocabulary radius, minimum confidence) are chosen on a selection part of each
+dataset and reported on the rest as well as on the whole.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,15 +29,77 @@ import torch.nn.functional as F
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classes import IGNORE_ID
 from .classical import PixelClassifier, superpixel_refine
-from .data import Scene, load_scenes
+from .data import BINARY_TASKS, Scene, load_accra, load_scenes
+from .degrade import jitter
 from .metrics import Scores
 from .model_bundle import ModelBundle, build_bundle, select_device
-from .models.diffusion import guard_band_mask
+from .models.constraints import allowed_classes, constrain_logits, gate_changes
 from .train import predict_scene
 
-STEP_CHOICES = (1, 2, 3, 4)
-GUARD_CHOICES = (0, 4, 8, 16)
-STEP_TOLERANCE = 0.01
+STEP_CHOICES = (1, 2, 3)
+BAND_CHOICES = (4, 8, 12, 16)  # the vocabulary radius equals the band
+CONFIDENCE_CHOICES = (0.0, 0.5, 0.6, 0.7, 0.8)
+STEP_TOLERANCE = 0.005  # fewer steps are preferred unless more steps gain more than this
+MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this
+
+
+@dataclass
+class Dataset:
+    name: str
+    scenes: list[Scene]
+    selection: list[int]  # indices used to choose the defaults
+
+    @property
+    def rest(self) -> list[int]:
+        return [i for i in range(len(self.scenes)) if i not in self.selection]
+
+
+def binary_task(card: dict) -> str | None:
+    """"roads" or "buildings" for a binary model (from its foreground class name), None for multiclass."""
+    if card["task"] == "multiclass":
+        return None
+    return "buildings" if "building" in card["classes"][1]["name"].lower() else "roads"
+
+
+def validation_datasets(card: dict, data: Path, accra: Path | None, tile: str, select_parts: list[int],
+                        max_images: int = 0) -> list[Dataset]:
+    task = binary_task(card) or "multiclass"
+    scenes = load_scenes(data, [tile], task)[: max_images or None]
+    names = {f"{tile}/image_part_{p:03d}" for p in select_parts}
+    datasets = [Dataset(f"Dubai {tile}", scenes, [i for i, s in enumerate(scenes) if s.name in names] or [0])]
+    if task == "buildings" and accra is not None:
+        val = load_accra(accra, "val", 4)[: max_images * 8 or None]
+        # Every third tile chooses the defaults; the other two thirds are reported apart.
+        datasets.append(Dataset("Accra val (~0.2 m)", val, list(range(0, len(val), 3))))
+    return datasets
+
+
+def displaced(truth: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """The truth with its boundaries displaced by a smooth warp of a few px (seeded, reproducible)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.from_numpy(np.where(truth == IGNORE_ID, 0, truth).astype(np.int64))[None]
+    return jitter(ids, k, generator, (3.0, 5.0))[0].numpy().astype(np.uint8)
+
+
+def blocky_map(truth: np.ndarray, k: int, block: int) -> np.ndarray:
+    ids = torch.from_numpy(np.where(truth == IGNORE_ID, 0, truth).astype(np.int64))[None]
+    votes = F.avg_pool2d(F.one_hot(ids, k).permute(0, 3, 1, 2).float(), block, ceil_mode=True)
+    return F.interpolate(votes, size=truth.shape, mode="nearest").argmax(1)[0].numpy().astype(np.uint8)
+
+
+def coarse_sources(bundle: ModelBundle, dataset: Dataset, second: ModelBundle | None,
+                   classifier: PixelClassifier | None, task: str, foreground: int | None) -> dict[str, list]:
+    k = bundle.num_classes
+    scenes = dataset.scenes
+    sources = {"bundled CNN segmenter": [predict_scene(bundle, s, task, foreground) for s in scenes]}
+    if second is not None:
+        sources["FCN (second CNN architecture)"] = [predict_scene(second, s, task, foreground) for s in scenes]
+    if classifier is not None:
+        sources["pixel classifier (gradient boosting)"] = [classifier.predict(s.image) for s in scenes]
+    for block in (8, 16, 32):
+        sources[f"blocky ({block}-px blocks)"] = [blocky_map(s.labels, k, block) for s in scenes]
+    sources["displaced boundaries (3-5 px)"] = [displaced(s.labels, k, i) for i, s in enumerate(scenes)]
+    return sources
 
 
 def _pad(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
@@ -39,38 +107,108 @@ def _pad(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
     return F.pad(tensor, (0, (-width) % multiple, 0, (-height) % multiple), mode="reflect"), height, width
 
 
-def refine_scene(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, guard_band: int = 0,
-                 strength: float = 1.0, seed: int = 0) -> np.ndarray:
+def refine_logits(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, band: int,
+                  seed: int = 0) -> torch.Tensor:
+    """(K, H, W) refined logits of a whole image, under band = vocabulary radius ``band`` (-1: no rules)."""
     padded, height, width = _pad(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
     coarse_t = torch.from_numpy(coarse.astype(np.int64))[None, None].float()
     coarse_t = F.pad(coarse_t, (0, padded.shape[-1] - width, 0, padded.shape[-2] - height), mode="replicate")
-    logits = bundle.refine(padded, coarse_t[:, 0].long(), [(0, 0)], steps=steps, guard_band=guard_band,
-                           strength=strength, seed=seed)
-    return logits[0, :, :height, :width].argmax(0).byte().cpu().numpy()
+    logits = bundle.refine(padded, coarse_t[:, 0].long(), [(0, 0)], steps=steps, band=band, vocabulary=band,
+                           seed=seed)
+    return logits[0, :, :height, :width].float().cpu()
 
 
-def guarded(refined: np.ndarray, coarse: np.ndarray, band: int) -> np.ndarray:
-    """The refined map with the guard band applied afterwards (the same map as refining with it on)."""
-    if band <= 0:
-        return refined
-    inside = guard_band_mask(torch.from_numpy(coarse.astype(np.int64))[None], band)[0].numpy()
-    return np.where(inside, refined, coarse)
+def decide(logits: torch.Tensor, coarse: np.ndarray, band: int, min_confidence: float) -> np.ndarray:
+    """The map the sampler writes: rules of radius ``band`` on the logits, then the confidence gate."""
+    coarse_t = torch.from_numpy(coarse.astype(np.int64))[None]
+    allowed = allowed_classes(coarse_t, logits.shape[0], band, band)
+    ids, _ = gate_changes(constrain_logits(logits[None], allowed), coarse_t, min_confidence)
+    return ids[0].numpy().astype(np.uint8)
 
 
-def score_all(preds: list[np.ndarray], scenes: list[Scene], k: int, names: list[str],
-              coarse: list[np.ndarray] | None = None) -> dict:
+def score_maps(preds: list[np.ndarray], scenes: list[Scene], k: int, names: list[str],
+               coarse: list[np.ndarray] | None, indices: list[int]) -> dict:
     scores = Scores(k, names)
-    for i, scene in enumerate(scenes):
-        scores.add(preds[i], scene.labels, None if coarse is None else coarse[i])
+    for i in indices:
+        scores.add(preds[i], scenes[i].labels, None if coarse is None else coarse[i])
     return scores.result()
 
 
-def _gain(result: dict, base: dict) -> float:
-    """Selection score: boundary gains, with mIoU losses counted three times (semantics must not suffer)."""
-    d_bf = result["boundary_f"] - base["boundary_f"]
-    d_biou = result["boundary_iou"] - base["boundary_iou"]
+def selection_score(result: dict, base: dict) -> float:
+    """Boundary gains; an mIoU loss beyond the bar counts ten times (semantics must not suffer)."""
     d_miou = result["miou"] - base["miou"]
-    return d_bf + d_biou + 2 * min(0.0, d_miou) + d_miou
+    penalty = 10.0 * max(0.0, MIOU_FLOOR - d_miou)
+    return (result["boundary_f"] - base["boundary_f"]) + (result["boundary_iou"] - base["boundary_iou"]) \
+        + d_miou - penalty
+
+
+def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict], log) -> tuple[dict, dict]:
+    """Pick steps, then band, then minimum confidence, each by the mean selection score over every dataset
+    and coarse source on the selection images, the others held at their current choice.
+
+    Each step count is sampled once with the widest band; narrower bands and the gate are applied to its
+    logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
+    k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
+    widest = max(BAND_CHOICES)
+    cases = []  # (scenes, selection, coarse maps, base scores, {steps: logits})
+    for dataset, sources in zip(datasets, all_sources):
+        for coarse in sources.values():
+            base = score_maps(coarse, dataset.scenes, k, names, None, dataset.selection)
+            cases.append((dataset, coarse, base, {}))
+
+    def mean_score(steps: int, band: int, conf: float) -> float:
+        values = []
+        for dataset, coarse, base, logits in cases:
+            if steps not in logits:
+                logits[steps] = {i: refine_logits(bundle, dataset.scenes[i].image, coarse[i], steps, widest)
+                                 for i in dataset.selection}
+            preds = [None] * len(dataset.scenes)
+            for i in dataset.selection:
+                preds[i] = decide(logits[steps][i], coarse[i], band, conf)
+            values.append(selection_score(score_maps(preds, dataset.scenes, k, names, None, dataset.selection), base))
+        return float(np.mean(values))
+
+    sweep: dict[str, float] = {}
+    steps, band, conf = 2, 8, 0.5
+
+    def record(key: str, value: float) -> float:
+        sweep[key] = round(value, 4)
+        log(f"  {key}: {value:+.4f}")
+        return value
+
+    by_steps = {s: record(f"steps={s} band={band} min_confidence={conf}", mean_score(s, band, conf))
+                for s in STEP_CHOICES}
+    best = max(by_steps.values())
+    steps = min(s for s, v in by_steps.items() if v >= best - STEP_TOLERANCE)
+    by_band = {b: record(f"steps={steps} band={b} min_confidence={conf}", mean_score(steps, b, conf))
+               for b in BAND_CHOICES}
+    band = max(by_band, key=by_band.get)
+    by_conf = {c: record(f"steps={steps} band={band} min_confidence={c}", mean_score(steps, band, c))
+               for c in CONFIDENCE_CHOICES}
+    conf = max(by_conf, key=by_conf.get)
+    log(f"defaults: steps={steps} band=vocabulary={band} min_confidence={conf}")
+    return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
+
+
+def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defaults: dict) -> tuple[dict, dict]:
+    """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest)."""
+    k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
+    scenes, everything = dataset.scenes, list(range(len(dataset.scenes)))
+    band, conf = defaults["band"], defaults["min_confidence"]
+    whole, rest = {}, {}
+    for source, coarse in sources.items():
+        maps = {"coarse (input)": coarse,
+                "classical: SLIC superpixels + coarse majority": [superpixel_refine(s.image, c, k)
+                                                                   for s, c in zip(scenes, coarse)]}
+        step_rows = [1] if defaults["steps"] == 1 else [1, defaults["steps"]]
+        for steps in step_rows:
+            label = f"IDGBR {steps} step{'s' if steps > 1 else ''}" + (" (default)" if steps == defaults["steps"]
+                                                                       else " (one-shot)")
+            maps[label] = [decide(refine_logits(bundle, s.image, c, steps, band), c, band, conf)
+                           for s, c in zip(scenes, coarse)]
+        whole[source] = {row: score_maps(m, scenes, k, names, coarse, everything) for row, m in maps.items()}
+        rest[source] = {row: score_maps(m, scenes, k, names, coarse, dataset.rest) for row, m in maps.items()}
+    return whole, rest
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -78,11 +216,12 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/dubai-aerial"))
-    parser.add_argument("--tile", default="tile8", help="held-out tile")
+    parser.add_argument("--accra", type=Path, default=None, help="the accra-buildings folder (building models)")
+    parser.add_argument("--tile", default="tile8", help="held-out Dubai tile")
     parser.add_argument("--select-parts", default="1,2,3", help="parts of the tile used to pick the defaults")
-    parser.add_argument("--max-images", type=int, default=0, help="quick check: score only this many images")
+    parser.add_argument("--max-images", type=int, default=0, help="quick check: only this many images")
     parser.add_argument("--second-model", type=Path,
-                        help="a coarse model of another architecture (e.g. the FCN) whose maps are refined too")
+                        help="a multiclass coarse model of another architecture (e.g. the FCN) whose maps are refined")
     parser.add_argument("--classifier-tiles", default="tile1,tile2,tile3,tile4,tile5,tile6")
     parser.add_argument("--json", type=Path, help="write all results here")
     parser.add_argument("--figure", type=Path, help="PNG of image / coarse / refined / truth crops")
@@ -92,92 +231,59 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.monotonic()
+
+    def log(message: str) -> None:
+        print(f"[{time.monotonic() - started:5.0f}s] {message}", flush=True)
+
     tensors, card = load_checkpoint(args.model)
-    bundle = build_bundle(tensors, card, select_device("auto"), args.model)
-    k, task = card["num_classes"], card["task"]
-    names = [c["name"] for c in card["classes"]]
-    scenes = load_scenes(args.data, [args.tile], task)
-    if args.max_images:
-        scenes = scenes[: args.max_images]
-    select_names = {f"{args.tile}/image_part_{int(p):03d}" for p in args.select_parts.split(",")}
-    selection = [i for i, s in enumerate(scenes) if s.name in select_names] or [0]
-    print(f"{len(scenes)} validation images, {sum(s.labels.size for s in scenes) / 1e6:.1f} MP; "
-          f"defaults chosen on {len(selection)} of them", flush=True)
+    device = select_device("auto")
+    bundle = build_bundle(tensors, card, device, args.model)
+    task = binary_task(card)
+    foreground = BINARY_TASKS[task] if task else None
+    task_name = "multiclass" if task is None else "binary"
+    datasets = validation_datasets(card, args.data, args.accra, args.tile,
+                                   [int(p) for p in args.select_parts.split(",")], args.max_images)
+    second = build_bundle(*load_checkpoint(args.second_model), device, args.second_model) if args.second_model else None
+    train_scenes = load_scenes(args.data, args.classifier_tiles.split(","), task or "multiclass")
+    if task == "buildings" and args.accra is not None:
+        train_scenes += load_accra(args.accra, "train", 4)[::4]
+    classifier = PixelClassifier(seed=0).fit([s.image for s in train_scenes], [s.labels for s in train_scenes])
+    all_sources = [coarse_sources(bundle, d, second, classifier, task_name, foreground) for d in datasets]
+    log(f"coarse maps ready: {', '.join(f'{d.name} ({len(d.scenes)} images)' for d in datasets)}")
 
-    classifier = PixelClassifier(seed=0).fit(
-        *zip(*[(s.image, s.labels) for s in load_scenes(args.data, args.classifier_tiles.split(","), task)]))
-    sources = {"bundled CNN segmenter": [predict_scene(bundle, s, task) for s in scenes]}
-    if args.second_model:
-        second = build_bundle(*load_checkpoint(args.second_model), select_device("auto"), args.second_model)
-        sources["FCN (second CNN architecture)"] = [predict_scene(second, s, task) for s in scenes]
-    sources["pixel classifier (gradient boosting)"] = [classifier.predict(s.image) for s in scenes]
-    print(f"coarse maps ready ({time.monotonic() - started:.0f}s)", flush=True)
+    defaults, sweep = choose_defaults(bundle, datasets, all_sources, log)
+    results, results_rest = {}, {}
+    for dataset, sources in zip(datasets, all_sources):
+        results[dataset.name], results_rest[dataset.name] = evaluate_dataset(bundle, dataset, sources, defaults)
+        log(f"scored {dataset.name}")
 
-    # 1. Pick steps and guard band on the selection images, over both coarse sources. The guard band only
-    #    masks the result, so each step count is sampled once and every band is scored from that map.
-    sel_scenes = [scenes[i] for i in selection]
-    sweep: dict[str, float] = {}
-    gains: dict[tuple[int, int], list[float]] = {(st, g): [] for st in STEP_CHOICES for g in GUARD_CHOICES}
-    for coarse in sources.values():
-        sel_coarse = [coarse[i] for i in selection]
-        base = score_all(sel_coarse, sel_scenes, k, names)
-        for steps in STEP_CHOICES:
-            refined = [refine_scene(bundle, s.image, c, steps) for s, c in zip(sel_scenes, sel_coarse)]
-            for guard in GUARD_CHOICES:
-                maps = [guarded(r, c, guard) for r, c in zip(refined, sel_coarse)]
-                gains[steps, guard].append(_gain(score_all(maps, sel_scenes, k, names), base))
-    score = {sg: round(float(np.mean(values)), 4) for sg, values in gains.items()}
-    for (steps, guard), value in score.items():
-        sweep[f"steps={steps} guard={guard}"] = value
-        print(f"  select steps={steps} guard={guard}: gain {value:+.4f}", flush=True)
-    # Each extra step costs about 20 GFLOP/MP (a quarter more time on a 2-core CPU), so the default is the fewest
-    # steps whose best score is within STEP_TOLERANCE of the overall best; then the best band for that count.
-    best = max(score.values())
-    best_steps = min(st for (st, _), value in score.items() if value >= best - STEP_TOLERANCE)
-    guard_default = max(GUARD_CHOICES, key=lambda g: (score[best_steps, g], g > 0))
-    print(f"defaults: steps={best_steps} guard_band={guard_default}", flush=True)
-
-    # 2. Score everything on the whole tile, and apart on the images the selection never looked at.
-    unseen = [i for i in range(len(scenes)) if i not in selection]
-    results: dict[str, dict] = {}
-    results_unseen: dict[str, dict] = {}
-    for source, coarse in sources.items():
-        maps = {"coarse (input)": coarse,
-                "classical: SLIC superpixels + coarse majority": [superpixel_refine(s.image, c, k)
-                                                                   for s, c in zip(scenes, coarse)]}
-        # The one-shot refiner beside the default; when one step is the default, the most steps beside it.
-        more_steps = best_steps if best_steps > 1 else STEP_CHOICES[-1]
-        one_shot_label = "IDGBR 1 step (default, one-shot)" if best_steps == 1 else "IDGBR one-shot (1 step)"
-        more_label = f"IDGBR {more_steps} steps" + (" (default)" if best_steps > 1 else "")
-        maps[one_shot_label] = [refine_scene(bundle, s.image, c, 1, guard_default) for s, c in zip(scenes, coarse)]
-        maps[more_label] = [refine_scene(bundle, s.image, c, more_steps, guard_default) for s, c in zip(scenes, coarse)]
-        results[source] = {row: score_all(m, scenes, k, names, coarse) for row, m in maps.items()}
-        results_unseen[source] = {row: score_all([m[i] for i in unseen], [scenes[i] for i in unseen], k, names,
-                                                 [coarse[i] for i in unseen]) for row, m in maps.items()}
-        print(f"scored {source} ({time.monotonic() - started:.0f}s)", flush=True)
-
-    megapixels = round(sum(s.labels.size for s in scenes) / 1e6, 1)
-    summary = {"tile": args.tile, "images": len(scenes), "megapixels": megapixels,
-               "selection_images": sorted(select_names), "selection_sweep": sweep, "step_tolerance": STEP_TOLERANCE,
-               "results": results, "results_outside_selection": results_unseen}
+    summary = {"datasets": {d.name: {"images": len(d.scenes),
+                                     "megapixels": round(sum(s.labels.size for s in d.scenes) / 1e6, 1),
+                                     "selection_images": [d.scenes[i].name for i in d.selection]} for d in datasets},
+               "defaults": defaults, "selection_sweep": sweep, "step_tolerance": STEP_TOLERANCE,
+               "results": results, "results_outside_selection": results_rest}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(summary, indent=2))
     if args.figure:
-        draw_figure(args.figure, scenes, sources["bundled CNN segmenter"], bundle, best_steps, guard_default, card)
+        first = datasets[-1] if task == "buildings" else datasets[0]
+        draw_figure(args.figure, first.scenes, all_sources[datasets.index(first)]["bundled CNN segmenter"],
+                    bundle, defaults, card)
     if not args.no_update:
-        card["sampler"].update(steps=best_steps, guard_band=guard_default)
-        card["metrics"] = {"validation": {k_: v for k_, v in summary.items() if not k_.startswith("results")},
-                           **{src: {row: {m: r[m] for m in ("miou", "boundary_f", "boundary_iou", "iou_imp")}
-                                    for row, r in rows.items()} for src, rows in results.items()}}
+        card["sampler"].update(defaults)
+        card["metrics"] = {
+            "validation": {"datasets": summary["datasets"], "defaults": defaults},
+            **{f"{name} / {src}": {row: {m: r[m] for m in ("miou", "boundary_f", "boundary_iou", "iou_imp")}
+                                   for row, r in rows.items()}
+               for name, per_source in results.items() for src, rows in per_source.items()}}
         save_checkpoint(args.model, tensors, card)
-        print(f"updated sampler defaults and metrics in {args.model}")
-    print(f"done in {(time.monotonic() - started) / 60:.1f} min")
+        log(f"updated sampler defaults and metrics in {args.model}")
+    log("done")
     return 0
 
 
-def draw_figure(path: Path, scenes: list[Scene], coarse: list[np.ndarray], bundle: ModelBundle, steps: int,
-                guard: int, card: dict, crop: int = 320, count: int = 3) -> None:
+def draw_figure(path: Path, scenes: list[Scene], coarse: list[np.ndarray], bundle: ModelBundle, defaults: dict,
+                card: dict, crop: int = 256, count: int = 3) -> None:
     """Rows of image | coarse | refined | truth crops, class colours with black class boundaries."""
     from PIL import Image, ImageDraw
 
@@ -201,18 +307,20 @@ def draw_figure(path: Path, scenes: list[Scene], coarse: list[np.ndarray], bundl
     for index in rng.choice(len(scenes), size=min(count, len(scenes)), replace=False):
         scene = scenes[index]
         height, width = scene.labels.shape
-        r, c = rng.integers(0, height - crop), rng.integers(0, width - crop)
-        window = (slice(r, r + crop), slice(c, c + crop))
-        image = scene.image[window]
-        refined = refine_scene(bundle, image, coarse[index][window], steps, guard)
-        tiles = [image, paint(coarse[index][window]), paint(refined), paint(scene.labels[window])]
+        size = min(crop, height, width)
+        r, c = rng.integers(0, height - size + 1), rng.integers(0, width - size + 1)
+        window = (slice(r, r + size), slice(c, c + size))
+        image, tile_coarse = scene.image[window], coarse[index][window]
+        logits = refine_logits(bundle, image, tile_coarse, defaults["steps"], defaults["band"])
+        refined = decide(logits, tile_coarse, defaults["band"], defaults["min_confidence"])
+        tiles = [image, paint(tile_coarse), paint(refined), paint(scene.labels[window])]
         rows.append(np.concatenate([np.pad(t, ((4, 4), (4, 4), (0, 0)), constant_values=255) for t in tiles], 1))
     grid = np.concatenate(rows, 0)
     header = 28
     canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
     canvas.paste(Image.fromarray(grid), (0, header))
     draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(["image", "coarse (CNN)", f"IDGBR refined ({steps} steps)", "truth"]):
+    for i, title in enumerate(["image", "coarse (CNN)", f"IDGBR refined ({defaults['steps']} steps)", "truth"]):
         draw.text((i * (crop + 8) + 10, 8), title, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -38,7 +38,7 @@ from qgis.PyQt.QtGui import QIcon
 from ..backend import BackendManager, BackendUnavailable
 from . import sources
 from .polygons import polygonize_classes
-from .postprocess import style_on_load
+from .postprocess import style_confidence_on_load, style_on_load
 
 ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "idgbr.svg"
 DEVICES = ["auto", "cpu", "cuda"]
@@ -56,9 +56,12 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
     MODEL = "MODEL"
     EXTENT = "EXTENT"
     STEPS = "STEPS"
-    GUARD_BAND = "GUARD_BAND"
+    BAND = "BAND"
+    VOCABULARY = "VOCABULARY"
+    MIN_CONFIDENCE = "MIN_CONFIDENCE"
     DEVICE = "DEVICE"
     OUTPUT = "OUTPUT"
+    CONFIDENCE = "CONFIDENCE"
     OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
 
     MODE = "refine"  # the backend job's mode: "refine" or "segment"
@@ -69,6 +72,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
         self._input: Optional[sources.RasterSource] = None
         self._coarse: Optional[sources.RasterSource] = None
         self._output: Optional[str] = None
+        self._confidence: Optional[str] = None
         self._polygons: Optional[str] = None
         self._classes: List[Dict[str, Any]] = []
 
@@ -124,16 +128,35 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                                                    QgsProcessingParameterNumber.Integer, optional=True,
                                                    minValue=1, maxValue=100),
                       "Denoising steps of the refiner: more is slower and smoother. Empty: the model's default.")
-            self._add(QgsProcessingParameterNumber(self.GUARD_BAND, "Guard band in pixels (optional)",
+            self._add(QgsProcessingParameterNumber(self.BAND, "Change band in pixels (optional, -1 = off)",
                                                    QgsProcessingParameterNumber.Integer, optional=True,
-                                                   minValue=0, maxValue=1024),
-                      "How far from a coarse boundary the refiner may change classes. Empty: the model's default.",
+                                                   minValue=-1, maxValue=1024),
+                      "The refiner may change a pixel only within this many pixels of a coarse class boundary. "
+                      "0 keeps the coarse map, -1 switches the rule off. Empty: the model's default.",
                       advanced=True)
+            self._add(QgsProcessingParameterNumber(self.VOCABULARY, "Class vocabulary radius in pixels (optional, "
+                                                   "-1 = off)", QgsProcessingParameterNumber.Integer, optional=True,
+                                                   minValue=-1, maxValue=1024),
+                      "A pixel may only take a class the coarse map has within this many pixels, so regions are "
+                      "never invented or erased. -1 switches the rule off. Empty: the model's default.",
+                      advanced=True)
+            self._add(QgsProcessingParameterNumber(self.MIN_CONFIDENCE, "Minimum confidence for a change "
+                                                   "(optional, 0-1)", QgsProcessingParameterNumber.Double,
+                                                   optional=True, minValue=0.0, maxValue=1.0),
+                      "A pixel takes the refiner's class only where the refiner's probability of it is at least "
+                      "this; elsewhere it keeps the coarse class. 0 switches the gate off, 1 keeps the coarse map. "
+                      "Empty: the model's default.", advanced=True)
         self._add(QgsProcessingParameterEnum(self.DEVICE, "Device", options=DEVICES, defaultValue=0),
                   "Where the backend runs the model: auto picks the GPU when the backend's PyTorch can use one.",
                   advanced=True)
         self._add(QgsProcessingParameterRasterDestination(self.OUTPUT, self.OUTPUT_LABEL),
                   "GeoTIFF of class ids (uint8) on the input's pixel grid and CRS, with a colour table.")
+        if refine:
+            self._add(QgsProcessingParameterRasterDestination(self.CONFIDENCE, "Refiner confidence", optional=True,
+                                                              createByDefault=False),
+                      "Optional float GeoTIFF on the input's grid: the refiner's probability (0-1) of the class "
+                      "written at each pixel (-1 where the output is nodata). Loaded red where the refiner is "
+                      "unsure, clear where it is sure.")
         self._add(QgsProcessingParameterFeatureSink(self.OUTPUT_POLYGONS, "Class polygons",
                                                     QgsProcessing.TypeVectorPolygon, optional=True,
                                                     createByDefault=False),
@@ -171,6 +194,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                 f"OUTPUT must be a GeoTIFF file: {output} does not end in .tif. Choose a file name ending in .tif."
             )
         output_path = Path(output).resolve()
+        confidence = self._confidence_output(parameters, context, output_path)
         extent, extent_crs = self._extent(parameters, context)
         polygons_wanted = parameters.get(self.OUTPUT_POLYGONS) not in (None, "")
 
@@ -196,7 +220,10 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                 "coarse": str(coarse_path) if coarse_path else None,
                 "model": str(Path(model).resolve()) if model and model.lower().endswith(".safetensors") else model,
                 "steps": self._optional_int(parameters, self.STEPS, context),
-                "guard_band": self._optional_int(parameters, self.GUARD_BAND, context),
+                "band": self._optional_int(parameters, self.BAND, context),
+                "vocabulary": self._optional_int(parameters, self.VOCABULARY, context),
+                "min_confidence": self._optional_double(parameters, self.MIN_CONFIDENCE, context),
+                "confidence": str(Path(confidence).resolve()) if confidence else None,
                 "device": DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
                 "bands": self.parameterAsInts(parameters, self.BANDS, context) or None,
                 "extent": list(extent) if extent else None,
@@ -210,7 +237,10 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
 
         self._classes = self._class_table(result, card)
         self._output = output
+        self._confidence = confidence
         results: Dict[str, Any] = {self.OUTPUT: output}
+        if confidence:
+            results[self.CONFIDENCE] = confidence
         if polygons_wanted:
             feedback.pushInfo("Polygonizing the class map…")
             self._polygons = polygonize_classes(self, parameters, self.OUTPUT_POLYGONS, output, self._classes,
@@ -223,6 +253,8 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
         for output in (self._output, self._polygons):
             if output:
                 style_on_load(context, output, self._classes)
+        if self._confidence:
+            style_confidence_on_load(context, self._confidence)
         return {}
 
     # ------------------------------------------------------------------------------------------------ steps
@@ -329,6 +361,30 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
             return None
         return self.parameterAsInt(parameters, name, context)
 
+    def _optional_double(self, parameters: Dict[str, Any], name: str, context: QgsProcessingContext
+                         ) -> Optional[float]:
+        if self.parameterDefinition(name) is None or parameters.get(name) in (None, ""):
+            return None
+        return self.parameterAsDouble(parameters, name, context)
+
+    def _confidence_output(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+                           output: Path) -> Optional[str]:
+        """The CONFIDENCE destination, or None when it is not wanted (segment, or left empty)."""
+        if self.parameterDefinition(self.CONFIDENCE) is None or parameters.get(self.CONFIDENCE) in (None, ""):
+            return None
+        confidence = self.parameterAsOutputLayer(parameters, self.CONFIDENCE, context)
+        if not confidence:
+            return None
+        if Path(confidence).suffix.lower() not in RASTER_SUFFIXES:
+            raise QgsProcessingException(
+                f"CONFIDENCE must be a GeoTIFF file: {confidence} does not end in .tif. Choose a file name ending "
+                "in .tif."
+            )
+        if Path(confidence).resolve() == output:
+            raise QgsProcessingException("CONFIDENCE and OUTPUT are the same file: give the confidence its own "
+                                         "file name.")
+        return confidence
+
     @staticmethod
     def _class_table(status: Dict[str, Any], card: Dict[str, Any]) -> List[Dict[str, Any]]:
         """The output's classes: from the job result when it carries them, else from the model card."""
@@ -342,7 +398,8 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
 
 # The engine words its messages for the `idgbr` command; in QGIS the same options are these parameters.
 _FLAG_NAMES = {"--bands": "BANDS", "--extent": "EXTENT", "--coarse": "COARSE", "--steps": "STEPS",
-               "--guard-band": "GUARD_BAND", "--model": "MODEL", "--device": "DEVICE"}
+               "--band": "BAND", "--vocabulary": "VOCABULARY", "--min-confidence": "MIN_CONFIDENCE",
+               "--confidence": "CONFIDENCE", "--model": "MODEL", "--device": "DEVICE"}
 
 
 def _backend_message(exc: Exception) -> str:

@@ -1,4 +1,5 @@
-"""Style the algorithms' outputs when QGIS loads them: paletted raster and categorized polygons."""
+"""Style the algorithms' outputs when QGIS loads them: paletted raster, categorized polygons, and the
+confidence ramp."""
 
 from __future__ import annotations
 
@@ -14,11 +15,11 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
-from ..styling import apply_class_style, categorized_renderer
+from ..styling import apply_class_style, apply_confidence_style, categorized_renderer
 
 # QGIS keeps only a raw pointer to a post-processor: Python must hold the object until QGIS has called it
 # (after the algorithm, in the main thread). The last runs' processors are kept; they are small.
-_ALIVE: Deque[ClassStyle] = deque(maxlen=1000)
+_ALIVE: Deque[QgsProcessingLayerPostProcessorInterface] = deque(maxlen=1000)
 
 
 class ClassStyle(QgsProcessingLayerPostProcessorInterface):
@@ -45,6 +46,25 @@ def style_on_load(context: QgsProcessingContext, output: str, classes: List[Dict
     if not output or not classes or not context.willLoadLayerOnCompletion(output):
         return False
     processor = ClassStyle(classes)
+    _ALIVE.append(processor)
+    context.layerToLoadOnCompletionDetails(output).setPostProcessor(processor)
+    return True
+
+
+class ConfidenceStyle(QgsProcessingLayerPostProcessorInterface):
+    """Applies the confidence ramp (red = unsure, clear = sure) to the confidence output layer."""
+
+    def postProcessLayer(self, layer: QgsMapLayer, context: QgsProcessingContext,
+                         feedback: QgsProcessingFeedback) -> None:
+        if isinstance(layer, QgsRasterLayer):
+            apply_confidence_style(layer)
+
+
+def style_confidence_on_load(context: QgsProcessingContext, output: str) -> bool:
+    """Attach a ConfidenceStyle to ``output`` when QGIS will load it; returns whether it will be styled."""
+    if not output or not context.willLoadLayerOnCompletion(output):
+        return False
+    processor = ConfidenceStyle()
     _ALIVE.append(processor)
     context.layerToLoadOnCompletionDetails(output).setPostProcessor(processor)
     return True

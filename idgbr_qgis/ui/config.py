@@ -17,14 +17,33 @@ from qgis.core import QgsApplication, QgsSettings
 KEY_DEVICE = "idgbr/device"
 KEY_MODEL = "idgbr/model"
 KEY_STEPS = "idgbr/steps"
-KEY_GUARD_BAND = "idgbr/guard_band"
+# The never-harm rules (the old "idgbr/guard_band" had another meaning for 0 and is not read any more).
+KEY_BAND = "idgbr/band"
+KEY_VOCABULARY = "idgbr/vocabulary"
+KEY_MIN_CONFIDENCE = "idgbr/min_confidence"
+KEY_SHOW_CONFIDENCE = "idgbr/show_confidence"
 KEY_OUTPUT_DIR = "idgbr/output_dir"
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "dubai5"
-MODEL_DEFAULT = -1  # steps / guard band: take the model card's value
+MODEL_DEFAULT = -1  # steps: take the model card's value
 MAX_STEPS = 50
-MAX_GUARD_BAND = 256
+# Band and vocabulary (px): -1 switches a rule off, so "the model card's value" is one below.
+RULE_DEFAULT = -2
+RULE_OFF = -1
+MAX_RULE_PX = 256
+# Minimum confidence (0..1, 0 = gate off): one spin-box step below 0 is "the model card's value".
+CONFIDENCE_DEFAULT = -0.05
+
+
+def rule_field(value: int) -> Optional[int]:
+    """A band / vocabulary setting as the job's field: None for the card's default, -1 for off."""
+    return None if value <= RULE_DEFAULT else int(value)
+
+
+def confidence_field(value: float) -> Optional[float]:
+    """A minimum-confidence setting as the job's field: None for the card's default."""
+    return None if value < 0 else round(float(value), 4)
 
 
 def plugin_dir() -> Path:
@@ -82,7 +101,10 @@ class UserSettings:
     device: str = "auto"
     model: str = DEFAULT_MODEL
     steps: int = MODEL_DEFAULT
-    guard_band: int = MODEL_DEFAULT
+    band: int = RULE_DEFAULT
+    vocabulary: int = RULE_DEFAULT
+    min_confidence: float = CONFIDENCE_DEFAULT
+    show_confidence: bool = False
     output_dir: str = ""
 
     @classmethod
@@ -93,7 +115,10 @@ class UserSettings:
             device=device if device in DEVICES else "auto",
             model=str(s.value(KEY_MODEL, DEFAULT_MODEL) or DEFAULT_MODEL),
             steps=_int(s.value(KEY_STEPS, MODEL_DEFAULT), MODEL_DEFAULT, MAX_STEPS),
-            guard_band=_int(s.value(KEY_GUARD_BAND, MODEL_DEFAULT), MODEL_DEFAULT, MAX_GUARD_BAND),
+            band=_int(s.value(KEY_BAND, RULE_DEFAULT), RULE_DEFAULT, MAX_RULE_PX),
+            vocabulary=_int(s.value(KEY_VOCABULARY, RULE_DEFAULT), RULE_DEFAULT, MAX_RULE_PX),
+            min_confidence=_float(s.value(KEY_MIN_CONFIDENCE, CONFIDENCE_DEFAULT), CONFIDENCE_DEFAULT, 1.0),
+            show_confidence=_bool(s.value(KEY_SHOW_CONFIDENCE, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
         )
 
@@ -102,7 +127,10 @@ class UserSettings:
         s.setValue(KEY_DEVICE, self.device)
         s.setValue(KEY_MODEL, self.model)
         s.setValue(KEY_STEPS, int(self.steps))
-        s.setValue(KEY_GUARD_BAND, int(self.guard_band))
+        s.setValue(KEY_BAND, int(self.band))
+        s.setValue(KEY_VOCABULARY, int(self.vocabulary))
+        s.setValue(KEY_MIN_CONFIDENCE, float(self.min_confidence))
+        s.setValue(KEY_SHOW_CONFIDENCE, bool(self.show_confidence))
         s.setValue(KEY_OUTPUT_DIR, self.output_dir)
 
     def results_dir(self) -> Path:
@@ -121,6 +149,21 @@ def _int(value: Any, low: int, high: int) -> int:
     except (TypeError, ValueError):
         return low
     return max(low, min(high, number))
+
+
+def _float(value: Any, low: float, high: float) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return low
+    return low if number != number else max(low, min(high, number))
+
+
+def _bool(value: Any) -> bool:
+    """QgsSettings gives back "true" / "false" strings on some platforms."""
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
 
 
 def model_choices() -> List[str]:

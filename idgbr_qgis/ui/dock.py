@@ -25,10 +25,11 @@ from qgis.core import (
     QgsRectangle,
     QgsTask,
 )
-from qgis.gui import QgsDockWidget, QgsMapLayerComboBox, QgsSpinBox
+from qgis.gui import QgsDockWidget, QgsDoubleSpinBox, QgsMapLayerComboBox, QgsSpinBox
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QButtonGroup,
+    QCheckBox,
     QComboBox,
     QFormLayout,
     QGroupBox,
@@ -42,7 +43,7 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from ..processing import sources
-from ..styling import apply_class_style, classes_from_color_table
+from ..styling import apply_class_style, apply_confidence_style, classes_from_color_table
 from . import config
 from .device import describe_device
 from .extent_tool import ExtentMapTool
@@ -51,11 +52,37 @@ from .refine_task import RefineTask, RunOutcome, RunRequest
 LOG_TAG = "IDGBR"
 REFINED_SUFFIX = " — IDGBR refined"
 COARSE_SUFFIX = " — coarse"
+CONFIDENCE_SUFFIX = " — confidence"
+OFF_TEXT = "Off"
 EXTENT_DRAWN, EXTENT_VIEW, EXTENT_LAYER = "drawn", "view", "layer"
 
 
 class DockError(Exception):
     """A problem with what the user picked; the message says what to change."""
+
+
+class RuleSpinBox(QgsSpinBox):
+    """Pixels of a refiner rule (band, vocabulary): the minimum reads "Model default", -1 reads "Off".
+
+    "-1" or "Off" can be typed; ``validate`` is left to QgsSpinBox (its Python signature differs between
+    QGIS versions)."""
+
+    def __init__(self, parent: Optional[QWidget] = None) -> None:
+        super().__init__(parent)
+        self.setRange(config.RULE_DEFAULT, config.MAX_RULE_PX)
+        self.setSpecialValueText("Model default")
+        self.setClearValue(config.RULE_DEFAULT)
+        self.setValue(config.RULE_DEFAULT)
+
+    def textFromValue(self, value: int) -> str:  # noqa: N802 - Qt API
+        if value == config.RULE_OFF:
+            return OFF_TEXT
+        return super().textFromValue(value)
+
+    def valueFromText(self, text: str) -> int:  # noqa: N802 - Qt API
+        if text.strip().lower() == OFF_TEXT.lower():
+            return config.RULE_OFF
+        return super().valueFromText(text)
 
 
 class IdgbrDock(QgsDockWidget):
@@ -145,13 +172,28 @@ class IdgbrDock(QgsDockWidget):
         self.stepsSpin.setClearValue(config.MODEL_DEFAULT)
         self.stepsSpin.setToolTip("Diffusion steps: more steps, finer boundaries, longer runs.")
         params.addRow("Steps", self.stepsSpin)
-        self.guardSpin = QgsSpinBox(body)
-        self.guardSpin.setRange(config.MODEL_DEFAULT, config.MAX_GUARD_BAND)
-        self.guardSpin.setSpecialValueText("Model default")
-        self.guardSpin.setClearValue(config.MODEL_DEFAULT)
-        self.guardSpin.setSuffix(" px")
-        self.guardSpin.setToolTip("Only pixels this close to a coarse boundary may change class.")
-        params.addRow("Guard band", self.guardSpin)
+        self.bandSpin = RuleSpinBox(body)
+        self.bandSpin.setToolTip("The refiner may change a pixel only this many pixels from a coarse class "
+                                 "boundary. 0 keeps the coarse map; Off (-1) lifts the rule.")
+        params.addRow("Change band (px)", self.bandSpin)
+        self.vocabularySpin = RuleSpinBox(body)
+        self.vocabularySpin.setToolTip("A pixel may only take a class the coarse map has within this many pixels, "
+                                       "so regions are never invented or erased. Off (-1) lifts the rule.")
+        params.addRow("Vocabulary (px)", self.vocabularySpin)
+        self.minConfidenceSpin = QgsDoubleSpinBox(body)
+        self.minConfidenceSpin.setDecimals(2)
+        self.minConfidenceSpin.setSingleStep(0.05)
+        self.minConfidenceSpin.setRange(config.CONFIDENCE_DEFAULT, 1.0)
+        self.minConfidenceSpin.setSpecialValueText("Model default")
+        self.minConfidenceSpin.setClearValue(config.CONFIDENCE_DEFAULT)
+        self.minConfidenceSpin.setToolTip("A pixel takes the refiner's class only where the refiner is at least "
+                                          "this sure (0-1); elsewhere it keeps the coarse class. 0 switches the "
+                                          "gate off, 1 keeps the coarse map.")
+        params.addRow("Min. confidence", self.minConfidenceSpin)
+        self.showConfidenceCheck = QCheckBox("Show confidence", body)
+        self.showConfidenceCheck.setToolTip("Also add the refiner's confidence to the result group: red where it "
+                                            "was unsure, clear where it was sure.")
+        params.addRow("", self.showConfidenceCheck)
         layout.addLayout(params)
 
         device_row = QHBoxLayout()
@@ -195,21 +237,28 @@ class IdgbrDock(QgsDockWidget):
         self.checkButton.clicked.connect(self.check_backend)
         self.setupButton.clicked.connect(self.open_setup)
         self.settingsButton.clicked.connect(self.open_settings)
-        self.stepsSpin.valueChanged.connect(self._save_run_settings)
-        self.guardSpin.valueChanged.connect(self._save_run_settings)
+        for spin in (self.stepsSpin, self.bandSpin, self.vocabularySpin, self.minConfidenceSpin):
+            spin.valueChanged.connect(self._save_run_settings)
+        self.showConfidenceCheck.toggled.connect(self._save_run_settings)
 
     def _load_settings_into_widgets(self) -> None:
         self.settings = config.UserSettings.load()
-        for spin, value in ((self.stepsSpin, self.settings.steps), (self.guardSpin, self.settings.guard_band)):
-            spin.blockSignals(True)
-            spin.setValue(value)
-            spin.blockSignals(False)
+        for widget, value in ((self.stepsSpin, self.settings.steps), (self.bandSpin, self.settings.band),
+                              (self.vocabularySpin, self.settings.vocabulary),
+                              (self.minConfidenceSpin, self.settings.min_confidence),
+                              (self.showConfidenceCheck, self.settings.show_confidence)):
+            widget.blockSignals(True)
+            if isinstance(widget, QCheckBox):
+                widget.setChecked(bool(value))
+            else:
+                widget.setValue(value)
+            widget.blockSignals(False)
         card = self._card()
         sampler = card.get("sampler") or {}
-        self.stepsSpin.setSpecialValueText(f"Model default ({sampler['steps']})" if "steps" in sampler
-                                           else "Model default")
-        self.guardSpin.setSpecialValueText(f"Model default ({sampler['guard_band']} px)" if "guard_band" in sampler
-                                           else "Model default")
+        self.stepsSpin.setSpecialValueText(_default_text(sampler, "steps"))
+        self.bandSpin.setSpecialValueText(_default_text(sampler, "band", " px"))
+        self.vocabularySpin.setSpecialValueText(_default_text(sampler, "vocabulary", " px"))
+        self.minConfidenceSpin.setSpecialValueText(_default_text(sampler, "min_confidence"))
         name = card.get("name") or self.settings.model
         classes = ", ".join(str(c.get("name")) for c in card.get("classes") or [])
         self.modelLabel.setText(f"{name} ({classes})" if classes else str(name))
@@ -217,7 +266,10 @@ class IdgbrDock(QgsDockWidget):
 
     def _save_run_settings(self) -> None:
         self.settings.steps = self.stepsSpin.value()
-        self.settings.guard_band = self.guardSpin.value()
+        self.settings.band = self.bandSpin.value()
+        self.settings.vocabulary = self.vocabularySpin.value()
+        self.settings.min_confidence = self.minConfidenceSpin.value()
+        self.settings.show_confidence = self.showConfidenceCheck.isChecked()
         self.settings.save()
 
     def _card(self) -> Dict[str, Any]:
@@ -245,8 +297,9 @@ class IdgbrDock(QgsDockWidget):
         self.coarseLayerCombo.setEnabled(not bundled and not running)
         self.coarseLayerCombo.setExceptedLayerList([layer] if layer is not None else [])
         self.drawButton.setEnabled(self.extent_mode() == EXTENT_DRAWN and not running)
-        for widget in (self.layerCombo, self.coarseSourceCombo, self.stepsSpin, self.guardSpin,
-                       self.drawRadio, self.viewRadio, self.layerRadio, self.settingsButton):
+        for widget in (self.layerCombo, self.coarseSourceCombo, self.stepsSpin, self.bandSpin, self.vocabularySpin,
+                       self.minConfidenceSpin, self.showConfidenceCheck, self.drawRadio, self.viewRadio,
+                       self.layerRadio, self.settingsButton):
             widget.setEnabled(not running)
         self.runButton.setEnabled(not running and layer is not None)
         self.cancelButton.setEnabled(running)
@@ -383,6 +436,7 @@ class IdgbrDock(QgsDockWidget):
         stem = f"{_safe_name(layer.name())}_{time.strftime('%Y%m%d-%H%M%S')}"
         output = _unique(folder / f"{stem}_refined.tif")
         coarse_output = None if coarse is not None else _unique(folder / f"{stem}_coarse.tif")
+        confidence = _unique(folder / f"{stem}_confidence.tif") if self.showConfidenceCheck.isChecked() else None
         return RunRequest(
             layer_name=layer.name(),
             source=source,
@@ -395,7 +449,10 @@ class IdgbrDock(QgsDockWidget):
             model=self.settings.job_model(),
             device=self.settings.device,
             steps=None if self.stepsSpin.value() == config.MODEL_DEFAULT else self.stepsSpin.value(),
-            guard_band=None if self.guardSpin.value() == config.MODEL_DEFAULT else self.guardSpin.value(),
+            band=config.rule_field(self.bandSpin.value()),
+            vocabulary=config.rule_field(self.vocabularySpin.value()),
+            min_confidence=config.confidence_field(self.minConfidenceSpin.value()),
+            confidence=confidence,
             pixel_size_m=float(card.get("pixel_size_m") or 0.5),
             transform_context=QgsProject.instance().transformContext(),
         )
@@ -443,16 +500,20 @@ class IdgbrDock(QgsDockWidget):
 
     # ============================================================================================ result
     def _add_result(self, request: RunRequest, outcome: RunOutcome) -> QgsRasterLayer:
-        """Load the refined map (and the coarse map, hidden) into one group; both valid or neither added."""
+        """Load the refined map (with the confidence above it when asked for, and the coarse map, hidden) into
+        one group; all valid or none added."""
         assert outcome.refined is not None
         refined = QgsRasterLayer(str(outcome.refined), f"{request.layer_name}{REFINED_SUFFIX}", "gdal")
         layers: List[QgsRasterLayer] = [refined]
+        confidence = None
+        if outcome.confidence is not None:
+            confidence = QgsRasterLayer(str(outcome.confidence), f"{request.layer_name}{CONFIDENCE_SUFFIX}", "gdal")
         coarse_path = outcome.coarse or (request.coarse.path if request.coarse else None)
         coarse = None
         if coarse_path is not None:
             coarse = QgsRasterLayer(str(coarse_path), f"{request.layer_name}{COARSE_SUFFIX}", "gdal")
             layers.append(coarse)
-        broken = [lyr for lyr in layers if not lyr.isValid()]
+        broken = [lyr for lyr in layers + ([confidence] if confidence is not None else []) if not lyr.isValid()]
         if broken:
             raise DockError(f"QGIS cannot open the result {broken[0].source()}: check free disk space and the "
                             "results folder in Settings…, then run again.")
@@ -465,6 +526,11 @@ class IdgbrDock(QgsDockWidget):
         project = QgsProject.instance()
         root = project.layerTreeRoot()
         group = root.insertGroup(0, f"{request.layer_name} — IDGBR")
+        if confidence is not None:
+            # On top: clear where the refiner was sure, red where it was not, over the class map.
+            apply_confidence_style(confidence)
+            project.addMapLayer(confidence, False)
+            group.addLayer(confidence)
         project.addMapLayer(refined, False)
         group.addLayer(refined)
         if coarse is not None:
@@ -555,6 +621,18 @@ class IdgbrDock(QgsDockWidget):
 def _health(task: QgsTask, manager: Any) -> Dict[str, Any]:
     """Worker thread: a live client (starting the service if needed) and its /health."""
     return manager.client().health()
+
+
+def _default_text(sampler: Dict[str, Any], key: str, unit: str = "") -> str:
+    """"Model default (8 px)" from the card's sampler section; "Off" for a rule the card switches off."""
+    if key not in sampler:
+        return "Model default"
+    try:
+        value = float(sampler[key])
+    except (TypeError, ValueError):
+        return "Model default"
+    off = (key == "min_confidence" and value <= 0) or (key in ("band", "vocabulary") and value < 0)
+    return f"Model default ({OFF_TEXT.lower() if off else f'{value:g}{unit}'})"
 
 
 def _safe_name(name: str) -> str:

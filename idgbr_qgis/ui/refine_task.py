@@ -40,7 +40,10 @@ class RunRequest:
     model: str = "dubai5"
     device: str = "auto"
     steps: Optional[int] = None
-    guard_band: Optional[int] = None
+    band: Optional[int] = None  # px; -1 = rule off; None = the model card's
+    vocabulary: Optional[int] = None  # px; -1 = rule off; None = the model card's
+    min_confidence: Optional[float] = None  # 0..1; 0 = gate off; None = the model card's
+    confidence: Optional[Path] = None  # where the refiner's confidence goes (None: not wanted)
     pixel_size_m: float = 0.5
     transform_context: QgsCoordinateTransformContext = field(default_factory=QgsCoordinateTransformContext)
 
@@ -51,6 +54,7 @@ class RunOutcome:
 
     refined: Optional[Path] = None
     coarse: Optional[Path] = None
+    confidence: Optional[Path] = None
     classes: List[Dict[str, Any]] = field(default_factory=list)
     notes: List[str] = field(default_factory=list)
     device: str = ""
@@ -147,10 +151,11 @@ class RefineTask(QgsTask):
             fields = {**common, "mode": "refine", "output": str(request.output)}
             if coarse_path is not None:
                 fields["coarse"] = str(coarse_path)
-            if request.steps is not None:
-                fields["steps"] = request.steps
-            if request.guard_band is not None:
-                fields["guard_band"] = request.guard_band
+            for name in ("steps", "band", "vocabulary", "min_confidence"):
+                if getattr(request, name) is not None:
+                    fields[name] = getattr(request, name)
+            if request.confidence is not None:
+                fields["confidence"] = str(request.confidence)
             status = self._job(client, fields, refine_from, refine_to)
             if coarse_last:
                 if self.isCanceled():
@@ -164,6 +169,7 @@ class RefineTask(QgsTask):
             self.outcome.error = _backend_message(exc)
             return
         self.outcome.refined = request.output
+        self.outcome.confidence = request.confidence
         result = status.get("result") if isinstance(status.get("result"), dict) else {}
         classes = result.get("classes")
         self.outcome.classes = [dict(c) for c in classes if isinstance(c, dict)] if isinstance(classes, list) else []
@@ -204,14 +210,14 @@ class RefineTask(QgsTask):
     def _discard_outputs(self) -> None:
         # The coarse map of a run whose refine failed goes too; and a backend killed while writing cannot
         # remove its hidden temporary file (".<name>.<random>.tmp…" beside the output), so it is removed here.
-        for path in (self.request.output, self.request.coarse_output):
+        for path in (self.request.output, self.request.confidence, self.request.coarse_output):
             if path is None:
                 continue
             leftovers = [path, path.with_name(path.name + ".aux.xml"), *path.parent.glob(f".{path.name}.*")]
             for file in leftovers:
                 with contextlib.suppress(OSError):
                     file.unlink()
-        self.outcome.refined = self.outcome.coarse = None
+        self.outcome.refined = self.outcome.coarse = self.outcome.confidence = None
 
     # ----------------------------------------------------------------------------------------- main thread
     def finished(self, result: bool) -> None:  # noqa: ARG002 - the outcome carries the details

@@ -33,7 +33,7 @@ def test_bundled_models_have_complete_cards():
         assert card["num_classes"] == expected == len(card["classes"])
         assert card["parts"] == ["coarse", "refiner"]
         assert len(card["normalization"]["mean"]) == len(card["bands"]) == 3
-        assert {"steps", "strength", "guard_band", "seed"} <= set(card["sampler"])
+        assert {"steps", "strength", "seed", "band", "vocabulary", "min_confidence"} <= set(card["sampler"])
         assert all(c["color"].startswith("#") and len(c["color"]) == 7 for c in card["classes"])
     assert read_card(models["dubai5"])["classes"][2]["name"] == "road"
 
@@ -77,3 +77,11 @@ def test_info_prints_classes_and_sampler(capsys):
     assert cli_main(["info", "roads2"]) == 0
     out = capsys.readouterr().out
     assert "road" in out and "DDIM" in out
+    assert "rules" in out and "band " in out and "vocabulary " in out and "min confidence " in out
+
+
+def test_rules_in_words():
+    from idgbr.checkpoint import rules_text
+
+    assert rules_text(8, -1, 0.5) == "band 8 px, vocabulary off, min confidence 0.5"
+    assert rules_text(None, 0, 0.0) == "band off, vocabulary 0 px, min confidence off"

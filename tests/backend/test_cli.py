@@ -31,8 +31,85 @@ def test_refine_help_documents_every_option(capsys):
         main(["refine", "--help"])
     out = capsys.readouterr().out
     for option in ("--coarse", "--model", "--steps", "--device", "--bands", "--extent", "--extent-crs", "--tile",
-                   "--overlap", "--guard-band", "--seed", "--quiet", "-o"):
+                   "--overlap", "--band", "--vocabulary", "--min-confidence", "--confidence", "--seed", "--quiet",
+                   "-o"):
         assert option in out
+    assert "--guard-band" not in out  # a hidden, deprecated alias of --band
+    assert "model card" in out
+
+
+def test_rule_values_are_parsed_with_one_line_errors():
+    assert cli.parse_rule("off", "--band") == -1 and cli.parse_rule("OFF", "--band") == -1
+    assert cli.parse_rule("12", "--band") == 12 and cli.parse_rule(None, "--band") is None
+    with pytest.raises(cli.IdgbrError, match="--vocabulary must be a whole number of pixels or 'off'"):
+        cli.parse_rule("wide", "--vocabulary")
+    with pytest.raises(cli.IdgbrError, match="--min-confidence must be a number from 0 to 1"):
+        cli.parse_probability("sure", "--min-confidence")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--band", "2000"], "band must be a whole number from -1 to 1024"),
+    (["--band", "near"], "--band must be a whole number of pixels or 'off'"),
+    (["--min-confidence", "2"], "min confidence must be a number from 0 to 1"),
+])
+def test_bad_rule_values_exit_1_with_one_line(crop_raster, tmp_path, capsys, args, message):
+    out = tmp_path / "o.tif"
+    assert main(["refine", str(crop_raster(16, 16)), "-o", str(out), *args]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("idgbr: error: ") and message in err[0]
+    assert not out.exists()
+
+
+def test_confidence_in_segment_mode_is_refused_and_nothing_is_written(crop_raster, tmp_path, capsys):
+    src = crop_raster(16, 16)
+    out, conf = tmp_path / "out" / "o.tif", tmp_path / "out" / "c.tif"
+    out.parent.mkdir()
+    assert main(["segment", str(src), "-o", str(out), "--confidence", str(conf)]) == cli.EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "segment mode has none" in err and "--confidence" in err
+    assert list(out.parent.iterdir()) == []
+
+
+def _coarse_with_boundaries(crop_raster, sample_labels):
+    """A 96 x 96 crop of the sample and its labels as the coarse map (no nodata, several classes)."""
+    src = crop_raster(96, 96, col=400, row=300)
+    coarse = crop_raster(96, 96, col=400, row=300, source=sample_labels, nodata=None)
+    with rasterio.open(coarse) as ds:
+        ids = ds.read(1)
+    assert len(np.unique(ids)) > 1
+    if (ids == 255).any():  # unlabelled pixels would be written as nodata: give them a class
+        ids[ids == 255] = 1
+        with rasterio.open(coarse, "r+") as ds:
+            ds.write(ids, 1)
+    return src, coarse, ids
+
+
+@pytest.mark.parametrize("rule", [["--band", "0"], ["--min-confidence", "1.0"]])
+def test_rules_that_allow_no_change_return_the_coarse_map(bundled_model, crop_raster, sample_labels, tmp_path,
+                                                           rule):
+    src, coarse, ids = _coarse_with_boundaries(crop_raster, sample_labels)
+    out = tmp_path / "kept.tif"
+    args = ["refine", str(src), "-o", str(out), "--coarse", str(coarse), "--steps", "1", "-q"]
+    assert main([*args, "--band", "off", "--vocabulary", "off", *rule]) == 0
+    with rasterio.open(out) as ds:
+        np.testing.assert_array_equal(ds.read(1), ids)
+
+
+def test_confidence_output_on_the_input_grid(bundled_model, crop_raster, tmp_path, capsys):
+    src = crop_raster(96, 80, col=400, row=300)
+    out, conf = tmp_path / "o.tif", tmp_path / "conf.tif"
+    assert main(["refine", str(src), "-o", str(out), "--confidence", str(conf), "--steps", "1", "--tile", "64",
+                 "--overlap", "16", "--band", "6", "--vocabulary", "off", "--min-confidence", "0.4"]) == 0
+    printed = capsys.readouterr().out
+    assert f"Wrote {conf}" in printed and "band 6 px, vocabulary off, min confidence 0.4" in printed
+    with rasterio.open(src) as a, rasterio.open(out) as b, rasterio.open(conf) as c:
+        assert c.dtypes == ("float32",) and c.count == 1
+        assert (c.crs, c.transform, c.shape) == (a.crs, a.transform, a.shape)
+        values, valid = c.read(1), b.read(1) != 255
+        assert ((values[valid] >= 0) & (values[valid] <= 1)).all()
+        assert (b.tags()["IDGBR_BAND"], b.tags()["IDGBR_VOCABULARY"], b.tags()["IDGBR_MIN_CONFIDENCE"]) == (
+            "6", "-1", "0.4")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_negative_extent_values_are_accepted_after_the_option():

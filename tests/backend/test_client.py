@@ -203,6 +203,29 @@ def test_job_end_to_end(client: Any, state_dir: Path, bundled_model: Path, sampl
     assert [m["name"] for m in loaded] == ["dubai5"], "the model stays loaded for the next job"
 
 
+def test_job_with_rules_and_confidence_output(client: Any, bundled_model: Path, sample: Path,
+                                             tmp_path: Path) -> None:
+    output, confidence = tmp_path / "refined.tif", tmp_path / "confidence.tif"
+    job_id = client.submit(input=sample, output=output, confidence=confidence, extent=extent(96, col=300, row=300),
+                           steps=1, band=6, vocabulary=-1, min_confidence=0.4)
+    status = client.wait(job_id, poll=0.1)
+    result = status["result"]
+    assert (result["band"], result["vocabulary"], result["min_confidence"]) == (6, -1, 0.4)
+    assert Path(result["confidence"]) == confidence
+    with rasterio.open(output) as ids, rasterio.open(confidence) as conf:
+        assert (conf.crs, conf.transform, conf.shape) == (ids.crs, ids.transform, ids.shape)
+        assert conf.dtypes[0] == "float32"
+        values = conf.read(1)[ids.read(1) != 255]
+    assert values.size and ((values >= 0) & (values <= 1)).all()
+    assert outputs(tmp_path) == ["confidence.tif", "refined.tif"], "no temporary files left"
+
+    segment = tmp_path / "segment"
+    segment.mkdir()
+    with pytest.raises(bc.BackendError, match="confidence is only written in refine mode") as refused:
+        client.submit(input=sample, output=segment / "o.tif", mode="segment", confidence=segment / "c.tif")
+    assert refused.value.status == 422 and list(segment.iterdir()) == []
+
+
 def test_failing_job_reports_its_message_and_the_service_keeps_serving(client: Any, bundled_model: Path,
                                                                         sample: Path, tmp_path: Path) -> None:
     job_id = client.submit(input=str(sample), output=str(tmp_path / "out.tif"), bands=[4, 5, 6])

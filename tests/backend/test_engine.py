@@ -14,7 +14,8 @@ import torch
 
 from idgbr import pipeline
 from idgbr.errors import Cancelled, IdgbrError
-from idgbr.models.diffusion import apply_guard_band, position_noise
+from idgbr.models.constraints import allowed_classes, constrain_logits
+from idgbr.models.diffusion import position_noise
 from idgbr.pipeline import RunOptions, run
 from idgbr.raster.windows import TileGrid, axis_layout, column_blocks, ramp_weights
 
@@ -23,19 +24,21 @@ CLASSES = [{"id": 0, "name": "dark", "color": "#000080"}, {"id": 1, "name": "mid
 
 
 class FakeBundle:
-    """Per-pixel stand-in model: the coarse class is the pixel's brightness bucket; near coarse boundaries
-    (the guard band) the refiner adds position-seeded noise like the real sampler, so tile placement errors
-    would show."""
+    """Per-pixel stand-in model: the coarse class is the pixel's brightness bucket; the refiner adds
+    position-seeded noise like the real sampler (so tile placement errors would show), under the band and
+    vocabulary rules like the real sampler."""
 
     def __init__(self, multiple: int = 8) -> None:
         self.card = {"name": "fake", "num_classes": 3, "classes": CLASSES, "bands": ["red", "green", "blue"],
                      "bands_default": [1, 2, 3], "normalization": {"mean": [100.0] * 3, "std": [50.0] * 3},
                      "tile_size": 64, "overlap": 16, "size_multiple": multiple, "pixel_size_m": 0.5,
-                     "sampler": {"steps": 2, "guard_band": 4, "seed": 0, "strength": 1.0}}
+                     "sampler": {"steps": 2, "band": 4, "vocabulary": 4, "min_confidence": 0.0, "seed": 0,
+                                 "strength": 1.0}}
         self.device = torch.device("cpu")
         self.coarse = self.refiner = object()
         self.segment_tiles = 0
         self.refine_tiles = 0
+        self.refine_calls: list[dict] = []
 
     def normalize(self, pixels):
         tensor = torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
@@ -48,12 +51,13 @@ class FakeBundle:
         centres = torch.tensor([-1.0, 0.0, 1.0])[None, :, None, None]
         return -((brightness - centres) ** 2) * 10
 
-    def refine(self, images, coarse_ids, origins, steps=None, seed=0, guard_band=None):
+    def refine(self, images, coarse_ids, origins, steps=None, seed=0, band=None, vocabulary=None):
         self.refine_tiles += images.shape[0]
+        self.refine_calls.append({"band": band, "vocabulary": vocabulary})
         batch, _, height, width = images.shape
         noise = torch.stack([position_noise(seed, o, (3, height, width)) for o in origins])
         one_hot = torch.nn.functional.one_hot(coarse_ids, 3).permute(0, 3, 1, 2).float()
-        return apply_guard_band(one_hot * 2.0 + noise, coarse_ids, guard_band or 0)
+        return constrain_logits(one_hot * 2.0 + noise, allowed_classes(coarse_ids, 3, band, vocabulary))
 
 
 @pytest.fixture
@@ -107,12 +111,12 @@ def test_column_blocks_cover_output_once_and_include_needed_tiles():
 def test_tiling_blocks_and_batches_do_not_change_the_result(fake, crop_raster, tmp_path, monkeypatch, mode):
     src = crop_raster(300, 150, col=100, row=200)
     whole = tmp_path / "whole.tif"
-    run(RunOptions(input=src, output=whole, mode=mode, tile=512, guard_band=0))  # one tile, no blending
+    run(RunOptions(input=src, output=whole, mode=mode, tile=512, band=0))  # one tile, no blending
     assert fake.segment_tiles == 1
     tiled = tmp_path / "tiled.tif"
     monkeypatch.setattr(pipeline, "default_batch", lambda device: 3)
     monkeypatch.setattr(pipeline, "BLOCK_WIDTH", 256)
-    result = run(RunOptions(input=src, output=tiled, mode=mode, tile=48, overlap=12, guard_band=0))
+    result = run(RunOptions(input=src, output=tiled, mode=mode, tile=48, overlap=12, band=0))
     assert result.tiles > 10
     np.testing.assert_array_equal(read(whole), read(tiled))
 
@@ -265,3 +269,117 @@ def test_one_pixel_raster(fake, crop_raster, tmp_path):
     out = tmp_path / "o.tif"
     result = run(RunOptions(input=crop_raster(1, 1), output=out))
     assert read(out).shape == (1, 1) and result.tiles == 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The refiner's rules and the confidence output
+# ------------------------------------------------------------------------------------------------------------
+def _halves(raster_writer, width: int = 120, height: int = 90):
+    """An image with one vertical class boundary at column 70, and its coarse map with the boundary at 60
+    (so the refiner has something to change), on one georeferenced grid."""
+    from rasterio.transform import from_origin
+
+    data = np.full((3, height, width), 30, np.uint8)
+    data[:, :, 70:] = 200
+    transform = from_origin(500000, 2800000, 0.5, 0.5)
+    src = raster_writer("halves.tif", data, crs="EPSG:32640", transform=transform)
+    ids = np.zeros((height, width), np.uint8)
+    ids[:, 60:] = 2
+    coarse = raster_writer("halves_coarse.tif", ids, crs="EPSG:32640", transform=transform)
+    return src, coarse, ids
+
+
+def test_rules_default_from_the_card_and_reach_the_refiner(fake, raster_writer, tmp_path):
+    src, coarse, _ = _halves(raster_writer)
+    out = tmp_path / "o.tif"
+    result = run(RunOptions(input=src, output=out, coarse=coarse, tile=64, overlap=16))
+    assert {(c["band"], c["vocabulary"]) for c in fake.refine_calls} == {(4, 4)}
+    assert (result.band, result.vocabulary, result.min_confidence) == (4, 4, 0.0)
+    with rasterio.open(out) as dst:
+        tags = dst.tags()
+    assert (tags["IDGBR_BAND"], tags["IDGBR_VOCABULARY"], tags["IDGBR_MIN_CONFIDENCE"]) == ("4", "4", "0")
+
+    fake.refine_calls.clear()
+    result = run(RunOptions(input=src, output=tmp_path / "p.tif", coarse=coarse, tile=64, overlap=16, band=-1,
+                            vocabulary=12, min_confidence=0.25))
+    assert {(c["band"], c["vocabulary"]) for c in fake.refine_calls} == {(-1, 12)}
+    assert (result.band, result.vocabulary, result.min_confidence) == (-1, 12, 0.25)
+
+
+@pytest.mark.parametrize("rule", [{"band": 0}, {"min_confidence": 1.0}])
+def test_band_0_and_min_confidence_1_return_the_coarse_map_exactly(fake, raster_writer, tmp_path, rule):
+    src, coarse, ids = _halves(raster_writer)
+    free = run(RunOptions(input=src, output=tmp_path / "free.tif", coarse=coarse, tile=64, overlap=16, band=-1,
+                          vocabulary=-1))
+    assert free.changed_pixels > 0 and not np.array_equal(read(tmp_path / "free.tif"), ids), "nothing to keep"
+    out = tmp_path / "kept.tif"
+    rules = {"band": -1, "vocabulary": -1, **rule}
+    result = run(RunOptions(input=src, output=out, coarse=coarse, tile=64, overlap=16, **rules))
+    np.testing.assert_array_equal(read(out), ids)
+    assert result.changed_pixels == 0
+
+
+def test_the_confidence_gate_keeps_the_coarse_class_where_the_refiner_is_unsure(fake, raster_writer, tmp_path):
+    src, coarse, ids = _halves(raster_writer)
+    common = dict(input=src, coarse=coarse, tile=64, overlap=16, band=-1, vocabulary=-1)
+    run(RunOptions(output=tmp_path / "free.tif", confidence=tmp_path / "free_conf.tif", **common))
+    run(RunOptions(output=tmp_path / "gated.tif", min_confidence=0.6, **common))
+    free, gated = read(tmp_path / "free.tif"), read(tmp_path / "gated.tif")
+    confidence = read(tmp_path / "free_conf.tif")
+    changed = free != ids
+    sure = confidence >= 0.6
+    np.testing.assert_array_equal(gated[changed & sure], free[changed & sure])
+    np.testing.assert_array_equal(gated[changed & ~sure], ids[changed & ~sure])
+    assert (changed & sure).any() and (changed & ~sure).any(), "the fake refiner should give both cases"
+    np.testing.assert_array_equal(gated[~changed], ids[~changed])
+
+
+def test_confidence_output_is_float32_on_the_input_grid(fake, crop_raster, raster_writer, tmp_path):
+    with rasterio.open(crop_raster(150, 110, col=300, row=300)) as s:
+        data, crs, transform = s.read(), s.crs, s.transform
+    data[:, :7, :] = 0  # nodata rows
+    src = raster_writer("in.tif", data, crs=crs, transform=transform, nodata=0)
+    out, conf = tmp_path / "out.tif", tmp_path / "conf.tif"
+    result = run(RunOptions(input=src, output=out, confidence=conf, tile=48, overlap=12))
+    assert result.confidence == conf and result.to_dict()["confidence"] == str(conf)
+    with rasterio.open(src) as a, rasterio.open(out) as b, rasterio.open(conf) as c:
+        assert c.dtypes == ("float32",) and c.count == 1
+        assert c.crs == a.crs and c.transform == a.transform and c.shape == a.shape
+        assert c.descriptions == ("refiner confidence",) and c.nodata == -1
+        assert c.tags()["IDGBR_MODE"] == "refine"
+        values, ids = c.read(1), b.read(1)
+    valid = ids != 255
+    assert (values[~valid] == -1).all() and not valid[:7].any()
+    assert ((values[valid] >= 0) & (values[valid] <= 1)).all()
+    assert (values[valid] < 1).any() and (values[valid] == 1).any()  # refined pixels and boundary-free tiles
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"mode": "segment", "confidence": "c.tif"}, r"segment mode has none.*--confidence"),
+    ({"confidence": "o.tif"}, r"--confidence and OUTPUT are the same file"),
+    ({"confidence": "in.tif"}, r"confidence output \(--confidence\) is the same file as INPUT"),
+    ({"band": 2000}, r"band must be a whole number from -1 to 1024.*--band"),
+    ({"vocabulary": -3}, r"vocabulary must be a whole number from -1 to 1024.*--vocabulary"),
+    ({"min_confidence": 1.5}, r"min confidence must be a number from 0 to 1.*--min-confidence"),
+])
+def test_bad_rule_and_confidence_options_fail_before_writing(fake, crop_raster, tmp_path, options, message):
+    src = crop_raster(32, 32, name="in.tif")
+    options = {k: (tmp_path / v if k == "confidence" else v) for k, v in options.items()}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(IdgbrError, match=message):
+        run(RunOptions(input=src, output=tmp_path / "o.tif", **options))
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert fake.segment_tiles == fake.refine_tiles == 0
+
+
+def test_failed_run_leaves_neither_output(fake, crop_raster, tmp_path, monkeypatch):
+    src = crop_raster(100, 100)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the model broke")
+
+    monkeypatch.setattr(fake, "refine", broken)
+    with pytest.raises(RuntimeError):
+        run(RunOptions(input=src, output=tmp_path / "o.tif", confidence=tmp_path / "c.tif", tile=32, overlap=8))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]

@@ -1,4 +1,4 @@
-"""The networks, the sampler and the guard band: shapes, determinism, position-seeded noise."""
+"""The networks, the constrained sampler and its never-harm rules: shapes, determinism, position-seeded noise."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import torch
 
 from idgbr.model_bundle import load_bundle
 from idgbr.models.coarse import CoarseConfig, CoarseNet
-from idgbr.models.diffusion import apply_guard_band, guard_band_mask, position_noise
+from idgbr.models.constraints import allowed_classes, gate_changes, guard_band_mask, vocabulary_mask
+from idgbr.models.diffusion import position_noise
 from idgbr.models.refiner import Refiner, RefinerConfig
 
 
@@ -15,6 +16,24 @@ def _striped_ids(size: int = 64) -> torch.Tensor:
     ids = torch.zeros(1, size, size, dtype=torch.long)
     ids[:, :, size // 2:] = 1
     return ids
+
+
+def _scene_ids() -> torch.Tensor:
+    """Three classes: a left half of 0, a right half of 1, a square of 2 far from class 0."""
+    ids = _striped_ids(96)
+    ids[:, 10:30, 70:90] = 2
+    return ids
+
+
+def _randomised_refiner(num_classes: int, seed: int = 0) -> Refiner:
+    """A refiner whose zero-initialised layers are random too, so it departs wildly from the coarse map."""
+    torch.manual_seed(seed)
+    refiner = Refiner(RefinerConfig(num_classes=num_classes)).eval()
+    with torch.no_grad():
+        for parameter in refiner.parameters():
+            parameter.add_(torch.randn_like(parameter) * 0.5)
+        refiner.denoiser.coarse_scale.fill_(0.0)  # ignore the coarse code: only the rules may hold it
+    return refiner
 
 
 def test_networks_give_one_logit_per_class_and_pixel():
@@ -27,14 +46,67 @@ def test_networks_give_one_logit_per_class_and_pixel():
         assert refiner.sample(image, ids, torch.randn(2, 5, 64, 96), steps=3).shape == (2, 5, 64, 96)
 
 
+def test_an_untrained_refiner_returns_the_coarse_map_unchanged():
+    refiner = Refiner(RefinerConfig(num_classes=3)).eval()
+    ids = _scene_ids()
+    for band in (None, 8):
+        logits = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2, band=band,
+                                vocabulary=band)
+        assert torch.equal(logits.argmax(1), ids)
+
+
+def test_no_pixel_changes_outside_the_band():
+    ids = _scene_ids()
+    refiner = _randomised_refiner(3)
+    free = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2).argmax(1)
+    assert (free != ids).float().mean() > 0.05  # the unconstrained refiner does change far pixels
+    banded = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2, band=4).argmax(1)
+    far = ~guard_band_mask(ids, 4)
+    assert torch.equal(banded[far], ids[far])
+    assert far[0, 40:, :43].all() and not far[0, 40:, 44:52].any()
+    none = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2, band=0).argmax(1)
+    assert torch.equal(none, ids)
+
+
+def test_no_class_appears_that_the_neighbourhood_lacks():
+    ids = _scene_ids()
+    refiner = _randomised_refiner(3, seed=1)
+    out = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 3, vocabulary=6).argmax(1)
+    present = vocabulary_mask(ids, 3, 6)
+    assert present.gather(1, out[:, None]).all()
+    # Class 2 never reaches the left half, which lies more than 6 px from the square.
+    assert not (out[0, :, :60] == 2).any()
+    assert (out != ids).any()  # boundaries may still move
+
+
+def test_rules_switch_off_independently():
+    ids = _scene_ids()
+    assert allowed_classes(ids, 3, None, None) is None
+    band_only = allowed_classes(ids, 3, 4, None)
+    vocab_only = allowed_classes(ids, 3, None, 4)
+    assert band_only[0, 2, 50, 45]  # band alone: any class near a boundary, even one absent nearby
+    assert not vocab_only[0, 2, 50, 45]
+
+
+def test_confidence_gate_keeps_the_coarse_class_where_the_refiner_is_unsure():
+    coarse = torch.zeros(1, 1, 3, dtype=torch.long)
+    probs = torch.tensor([[0.3, 0.7], [0.45, 0.55], [0.9, 0.1]]).T.reshape(1, 2, 1, 3)
+    ids, confidence = gate_changes(probs.log(), coarse, min_confidence=0.6)
+    assert ids.tolist() == [[[1, 0, 0]]]  # 0.7 >= 0.6 changes; 0.55 does not
+    assert torch.allclose(confidence, torch.tensor([[[0.7, 0.45, 0.9]]]))
+    ids_off, _ = gate_changes(probs.log(), coarse, min_confidence=0.0)
+    assert ids_off.tolist() == [[[1, 1, 0]]]
+
+
 def test_refiner_loss_is_finite_and_trainable():
     refiner = Refiner(RefinerConfig(num_classes=2))
     truth = _striped_ids().repeat(2, 1, 1)
     truth[0, :4, :4] = 255  # unlabelled pixels are allowed
-    loss = refiner.loss(torch.randn(2, 3, 64, 64), torch.zeros_like(truth), truth)
+    coarse = torch.roll(truth.clamp(max=1), 3, dims=2)
+    loss = refiner.loss(torch.randn(2, 3, 64, 64), coarse, truth, band=8, generator=torch.Generator().manual_seed(0))
     loss.backward()
-    assert torch.isfinite(loss)
-    assert refiner.guidance.at_half[0][0].weight.grad is not None
+    assert torch.isfinite(loss) and loss > 0
+    assert refiner.denoiser.out.weight.grad.abs().sum() > 0
 
 
 def test_noise_depends_only_on_raster_position():
@@ -57,32 +129,22 @@ def test_same_seed_gives_the_same_map_whatever_the_batch(bundled_model):
     assert torch.allclose(pair[1:], single, atol=1e-4)
 
 
-def test_guard_band_leaves_pixels_far_from_coarse_boundaries_untouched():
-    coarse = _striped_ids(64)  # one vertical boundary between columns 31 and 32
-    wild = torch.randn(1, 2, 64, 64) * 10  # a refiner output that disagrees everywhere
-    guarded = apply_guard_band(wild, coarse, band=4).argmax(1)
-    far = ~guard_band_mask(coarse, 4)
-    assert torch.equal(guarded[far], coarse[far])
-    assert far[0, :, :27].all() and far[0, :, 37:].all()
-    assert not far[0, :, 28:36].any()
-    near = ~far
-    assert torch.equal(guarded[near], wild.argmax(1)[near])
-
-
 def test_bundle_reports_its_cost():
     bundle = load_bundle(None, device="cpu")
     assert bundle.flops_per_megapixel(steps=4) > bundle.flops_per_megapixel(steps=1) > 0
 
 
-def test_guard_band_applied_after_sampling_gives_the_same_map(bundled_model):
-    """Validation scores every band from one unguarded sample; that must equal sampling with the band on."""
-    from idgbr.validate import guarded, refine_scene
+def test_one_step_rules_applied_after_sampling_give_the_same_map(bundled_model):
+    """Validation scores every band from one sample with the widest band; for one step that must equal
+    sampling with the narrower band on."""
+    from idgbr.validate import decide, refine_logits
 
     bundle = load_bundle(bundled_model, device="cpu")
     image = (torch.rand(96, 96, 3) * 255).to(torch.uint8).numpy()
     coarse = np.zeros((96, 96), np.uint8)
     coarse[:, 40:] = 1
     coarse[60:80, 10:30] = 2
-    free = refine_scene(bundle, image, coarse, steps=1)
+    widest = refine_logits(bundle, image, coarse, 1, 16)
     for band in (0, 4, 8):
-        assert np.array_equal(guarded(free, coarse, band), refine_scene(bundle, image, coarse, 1, guard_band=band))
+        direct = decide(refine_logits(bundle, image, coarse, 1, band), coarse, band, 0.6)
+        assert np.array_equal(decide(widest, coarse, band, 0.6), direct)

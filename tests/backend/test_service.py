@@ -253,6 +253,11 @@ def _job(tmp: Path, **fields: object) -> dict:
         ({"extent": [10, 0, 0, 10]}, 422, "xmin < xmax"),
         ({"extent_crs": "EPSG:4326"}, 422, "give extent too"),
         ({"mode": "segment", "coarse": "/x/c.tif"}, 422, "refine mode"),
+        ({"mode": "segment", "confidence": "/x/c.tif"}, 422, "confidence is only written in refine mode"),
+        ({"confidence": "c.tif"}, 422, "absolute path"),
+        ({"band": -2}, 422, "band"),
+        ({"vocabulary": 2000}, 422, "vocabulary"),
+        ({"min_confidence": 1.5}, 422, "min_confidence"),
         ({"bands": []}, 422, "bands"),
         ({"bands": [0, 1, 2]}, 422, "bands"),
         ({"tile": 64, "overlap": 40}, 422, "half of tile"),
@@ -278,6 +283,10 @@ def test_file_checks_name_the_problem(service: Service, sample_raster: Path, tmp
         ({"model": "no-such-model"}, "unknown model"),
         ({"model": str(tmp_path / "m.safetensors")}, "does not exist"),
         ({"coarse": str(tmp_path / "c.tif")}, "coarse raster"),
+        ({"confidence": str(tmp_path / "c.png")}, "confidence"),
+        ({"confidence": str(tmp_path / "no" / "c.tif")}, "does not exist: create it first"),
+        ({"confidence": str(sample_raster)}, "is the input raster"),
+        ({"confidence": str(tmp_path / "out.tif")}, "is the output raster"),
     ]
     for fields, words in cases:
         response = service.http.post("/jobs", json={**base, **fields})

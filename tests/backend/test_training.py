@@ -1,4 +1,4 @@
-"""A tiny end-to-end training run on real Dubai images: coarse model, out-of-fold maps, refiner."""
+"""Tiny end-to-end training runs on real Dubai images: coarse model, refiner, resuming, degradations."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ import pytest
 import torch
 from PIL import Image
 
+from idgbr.checkpoint import load_checkpoint
 from idgbr.degrade import DEGRADATIONS, random_degradation
 from idgbr.model_bundle import load_bundle
-from idgbr.train import train_coarse, train_refiner
+from idgbr.refiner_training import STATE_SUFFIX, RefinerRun, train_refiner
+from idgbr.train import train_coarse
 
 DUBAI = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "dubai-aerial"
+COARSE_SETTINGS = dict(epochs=1, minutes=None, batch=2, crop=64, lr=1e-3, device_name="cpu", seed=0)
 
 
 @pytest.fixture
@@ -32,16 +35,21 @@ def tiny_dataset(tmp_path: Path) -> Path:
     return root
 
 
+def _refiner_run(data: Path, coarse: Path, out: Path, **changes) -> RefinerRun:
+    settings = dict(data=data, output=out, coarse_model=coarse, tiles=["tile2", "tile3"], iterations=4, batch=2,
+                    crop=64, device="cpu", precision="fp32", save_minutes=1e6)
+    return RefinerRun(**{**settings, **changes})
+
+
 def test_training_writes_models_that_run(tiny_dataset: Path, tmp_path: Path):
-    fold = tmp_path / "fold.safetensors"
     coarse = tmp_path / "coarse.safetensors"
     full = tmp_path / "model.safetensors"
-    settings = dict(epochs=1, minutes=None, batch=2, crop=64, lr=1e-3, device_name="cpu", seed=0)
-    train_coarse(tiny_dataset, fold, ["tile2"], "multiclass", **settings)
-    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **settings)
-    card = train_refiner(tiny_dataset, full, coarse, [(fold, ["tile3"])], **settings)
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
+    card = train_refiner(_refiner_run(tiny_dataset, coarse, full, iterations=3))
     assert card["parts"] == ["coarse", "refiner"]
-    assert card["training"]["refiner"]["iterations"] >= 1
+    training = card["training"]["refiner"]
+    assert training["iterations"] == 3 and training["hours"] >= 0 and training["coarse_sources"] == ["coarse"]
+    assert card["sampler"]["band"] >= 0 and card["sampler"]["vocabulary"] >= 0
     bundle = load_bundle(full, device="cpu")
     image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 32, 32)))
     ids = bundle.segment(image).argmax(1)
@@ -49,19 +57,40 @@ def test_training_writes_models_that_run(tiny_dataset: Path, tmp_path: Path):
     shutil.rmtree(tiny_dataset)
 
 
-def test_refiner_trains_without_fold_models_and_fcn_is_a_usable_coarse_model(tiny_dataset: Path, tmp_path: Path):
-    """No --oof: the coarse model's own maps stand in. The FCN architecture loads and segments like the CNN."""
-    settings = dict(epochs=1, minutes=None, batch=2, crop=64, lr=1e-3, device_name="cpu", seed=0)
+def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path):
+    coarse = tmp_path / "coarse.safetensors"
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
+    straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
+    train_refiner(_refiner_run(tiny_dataset, coarse, straight))
+    first = train_refiner(_refiner_run(tiny_dataset, coarse, split, session_iterations=2))
+    assert first["training"]["refiner"]["iterations"] == 2
+    assert Path(str(split) + STATE_SUFFIX).is_file()
+    second = train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True))
+    assert second["training"]["refiner"]["iterations"] == 4 and second["training"]["refiner"]["sessions"] == 2
+    a, _ = load_checkpoint(straight)
+    b, _ = load_checkpoint(split)
+    refiner_keys = [k for k in a if k.startswith("refiner.")]
+    assert refiner_keys and all(torch.equal(a[k], b[k]) for k in refiner_keys)
+
+
+def test_resume_without_a_state_names_the_missing_file(tiny_dataset: Path, tmp_path: Path):
+    from idgbr.errors import IdgbrError
+
+    coarse = tmp_path / "coarse.safetensors"
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "binary", architecture="fcn", **COARSE_SETTINGS)
+    with pytest.raises(IdgbrError, match="no training state"):
+        train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "new.safetensors", resume=True))
+
+
+def test_fcn_is_a_usable_coarse_model_for_a_binary_refiner(tiny_dataset: Path, tmp_path: Path):
     fcn = tmp_path / "fcn.safetensors"
-    card = train_coarse(tiny_dataset, fcn, ["tile2", "tile3"], "binary", architecture="fcn", **settings)
+    card = train_coarse(tiny_dataset, fcn, ["tile2", "tile3"], "binary", architecture="fcn", **COARSE_SETTINGS)
     assert card["architecture"]["coarse"]["kind"] == "fcn" and card["num_classes"] == 2
-    card = train_refiner(tiny_dataset, tmp_path / "model.safetensors", fcn, [], **settings)
-    assert card["training"]["refiner"]["out_of_fold_models"] == {}
+    train_refiner(_refiner_run(tiny_dataset, fcn, tmp_path / "model.safetensors", iterations=2))
     bundle = load_bundle(tmp_path / "model.safetensors", device="cpu")
     assert type(bundle.coarse).__name__ == "FcnNet"
     image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 48, 48)))
     ids = bundle.segment(image).argmax(1)
-    assert ids.shape == (1, 48, 48)
     assert bundle.refine(image, ids, [(0, 0)], steps=1).shape == (1, 2, 48, 48)
 
 
@@ -75,3 +104,14 @@ def test_degradations_change_maps_but_keep_valid_ids():
         assert out.shape == truth.shape and int(out.min()) >= 0 and int(out.max()) < 5
     changed = [bool((random_degradation(truth, 5, generator) != truth).any()) for _ in range(10)]
     assert sum(changed) >= 8
+
+
+def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path, tmp_path: Path):
+    """Another machine has no training state: the shipped model file carries the run on."""
+    coarse = tmp_path / "coarse.safetensors"
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
+    shipped = tmp_path / "shipped.safetensors"
+    train_refiner(_refiner_run(tiny_dataset, coarse, shipped, session_iterations=2))
+    out = tmp_path / "continued.safetensors"
+    card = train_refiner(_refiner_run(tiny_dataset, coarse, out, resume=True, warm_start=shipped))
+    assert card["training"]["refiner"]["iterations"] == 4 and card["training"]["refiner"]["sessions"] == 2

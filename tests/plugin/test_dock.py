@@ -27,12 +27,13 @@ from qgis.PyQt.QtWidgets import QApplication
 
 from idgbr_qgis.backend import BackendManager, BackendUnavailable
 from idgbr_qgis.ui import config
-from idgbr_qgis.ui.dock import COARSE_SUFFIX, REFINED_SUFFIX, IdgbrDock
+from idgbr_qgis.ui.dock import COARSE_SUFFIX, CONFIDENCE_SUFFIX, REFINED_SUFFIX, IdgbrDock
 
 # The sample: 1000 × 1000 px, EPSG:32640, 0.5 m pixels, upper-left corner (320000, 2790000).
 X0, Y0, PIXEL = 320000.0, 2790000.0, 0.5
 LAYER_CRS = "EPSG:32640"
-KEYS = (config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_GUARD_BAND, config.KEY_OUTPUT_DIR)
+KEYS = (config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_BAND, config.KEY_VOCABULARY,
+        config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR)
 
 
 @pytest.fixture
@@ -41,8 +42,7 @@ def dock_settings(tmp_path):
     settings = QgsSettings()
     saved = {key: settings.value(key, None) for key in KEYS}
     results = tmp_path / "results"
-    config.UserSettings(device="cpu", model="dubai5", steps=2, guard_band=config.MODEL_DEFAULT,
-                        output_dir=str(results)).save()
+    config.UserSettings(device="cpu", model="dubai5", steps=2, output_dir=str(results)).save()
     yield results
     for key, value in saved.items():
         if value is None:
@@ -405,13 +405,72 @@ def test_settings_persist_between_docks(qgis_iface, project, dock_settings):
     manager = BackendManager(locate=lambda: (_ for _ in ()).throw(BackendUnavailable("none")))
     first = make_dock(qgis_iface, manager)
     first.stepsSpin.setValue(7)
-    first.guardSpin.setValue(12)
+    first.bandSpin.setValue(12)
+    first.vocabularySpin.setValue(config.RULE_OFF)
+    first.minConfidenceSpin.setValue(0.65)
+    first.showConfidenceCheck.setChecked(True)
     first.shutdown()
     second = make_dock(qgis_iface, manager)
     try:
-        assert second.stepsSpin.value() == 7 and second.guardSpin.value() == 12
-        assert config.UserSettings.load().steps == 7
+        assert second.stepsSpin.value() == 7 and second.bandSpin.value() == 12
+        assert second.vocabularySpin.value() == config.RULE_OFF and second.vocabularySpin.text() == "Off"
+        assert second.minConfidenceSpin.value() == pytest.approx(0.65)
+        assert second.showConfidenceCheck.isChecked()
+        saved = config.UserSettings.load()
+        assert (saved.steps, saved.band, saved.vocabulary, saved.show_confidence) == (7, 12, -1, True)
     finally:
         second.shutdown()
         first.deleteLater()
         second.deleteLater()
+
+
+def test_rule_widgets_show_the_model_defaults_and_off(qgis_iface, project, dock_settings):
+    manager = BackendManager(locate=lambda: (_ for _ in ()).throw(BackendUnavailable("none")))
+    dock = make_dock(qgis_iface, manager)
+    try:
+        card = config.read_model_card(config.bundled_models()["dubai5"])
+        sampler = card.get("sampler") or {}
+        for spin, key in ((dock.bandSpin, "band"), (dock.vocabularySpin, "vocabulary")):
+            assert spin.value() == config.RULE_DEFAULT and spin.text().startswith("Model default")
+            if isinstance(sampler.get(key), int) and sampler[key] >= 0:
+                assert spin.text() == f"Model default ({sampler[key]} px)"
+            spin.setValue(config.RULE_OFF)
+            assert spin.text() == "Off"
+            spin.setValue(5)
+            spin.lineEdit().setText("-1")
+            spin.interpretText()
+            assert spin.value() == config.RULE_OFF and spin.text() == "Off"
+            spin.setValue(0)
+            assert spin.text() == "0"
+        assert dock.minConfidenceSpin.text().startswith("Model default")
+        assert config.rule_field(config.RULE_DEFAULT) is None and config.rule_field(config.RULE_OFF) == -1
+        assert config.confidence_field(config.CONFIDENCE_DEFAULT) is None
+        assert config.confidence_field(0.0) == 0.0
+    finally:
+        dock.shutdown()
+        dock.deleteLater()
+
+
+def test_show_confidence_adds_the_styled_confidence_layer(dock, sample_raster, dock_settings, tmp_path):
+    from osgeo import gdal
+    from qgis.core import QgsSingleBandPseudoColorRenderer
+
+    small = tmp_path / "small.tif"
+    gdal.Translate(str(small), str(sample_raster), srcWin=[300, 300, 128, 96])
+    dock.layerCombo.setLayer(add_sample(small, "dubai"))
+    dock.set_extent_mode("layer")
+    dock.showConfidenceCheck.setChecked(True)
+    dock.minConfidenceSpin.setValue(0.4)
+    ok, message = run_and_wait(dock)
+    assert ok, message
+    group = result_group("dubai")
+    names = [node.name() for node in group.findLayers()]
+    assert names == [f"dubai{CONFIDENCE_SUFFIX}", f"dubai{REFINED_SUFFIX}", f"dubai{COARSE_SUFFIX}"]
+    confidence_node, refined_node, _coarse = group.findLayers()
+    confidence, refined = confidence_node.layer(), refined_node.layer()
+    assert confidence_node.isVisible() and confidence.isValid()
+    assert isinstance(confidence.renderer(), QgsSingleBandPseudoColorRenderer)
+    assert confidence.extent() == refined.extent() and (confidence.width(), confidence.height()) == (128, 96)
+    assert confidence.crs() == refined.crs()
+    assert confidence.dataProvider().dataType(1) == Qgis.Float32
+    assert Path(confidence.source()).parent == dock_settings

@@ -14,8 +14,8 @@ from idgbr_qgis.backend import SETTINGS_PYTHON, BackendManager, BackendUnavailab
 from idgbr_qgis.ui import config
 from idgbr_qgis.ui.settings_dialog import SettingsDialog, describe_health
 
-KEYS = (SETTINGS_PYTHON, config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_GUARD_BAND,
-        config.KEY_OUTPUT_DIR)
+KEYS = (SETTINGS_PYTHON, config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_BAND,
+        config.KEY_VOCABULARY, config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR)
 
 
 @pytest.fixture

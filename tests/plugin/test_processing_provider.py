@@ -22,8 +22,8 @@ from qgis.core import (
 from idgbr_qgis.processing import sources
 from idgbr_qgis.styling import apply_class_style, categorized_renderer, class_data
 
-REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "GUARD_BAND", "DEVICE", "OUTPUT",
-                     "OUTPUT_POLYGONS"]
+REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
+                     "DEVICE", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"]
 CLASSES = [{"id": 0, "name": "water", "color": "#E2A929"}, {"id": 2, "name": "road", "color": "#6EC1E4"},
            {"id": 1, "name": "land", "color": "#8429F6"}]
 
@@ -44,7 +44,16 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
     for parameter in alg.parameterDefinitions():
         assert parameter.help(), f"{parameter.name()} has no help text"
     optional = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagOptional}
-    assert optional == {"BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "GUARD_BAND", "OUTPUT_POLYGONS"}
+    assert optional == {"BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
+                        "CONFIDENCE", "OUTPUT_POLYGONS"}
+    advanced = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagAdvanced}
+    assert {"BAND", "VOCABULARY", "MIN_CONFIDENCE"} <= advanced
+    for name in ("BAND", "VOCABULARY"):
+        rule = alg.parameterDefinition(name)
+        assert (rule.minimum(), rule.maximum(), rule.dataType()) == (-1, 1024, rule.Integer)
+    gate = alg.parameterDefinition("MIN_CONFIDENCE")
+    assert (gate.minimum(), gate.maximum(), gate.dataType()) == (0.0, 1.0, gate.Double)
+    assert not alg.parameterDefinition("CONFIDENCE").createByDefault()
     assert alg.parameterDefinition("DEVICE").options() == ["auto", "cpu", "cuda"]
     assert alg.parameterDefinition("BANDS").allowMultiple()
     # Runs in the Processing worker thread, cancellable, usable in batch mode.
@@ -53,7 +62,7 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
     assert alg.flags() & QgsProcessingAlgorithm.FlagSupportsBatch
     assert "boundar" in alg.shortHelpString()
     assert alg.group() and not alg.icon().isNull()
-    assert {o.name() for o in alg.outputDefinitions()} == {"OUTPUT", "OUTPUT_POLYGONS"}
+    assert {o.name() for o in alg.outputDefinitions()} == {"OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"}
 
 
 def test_segment_has_no_refiner_parameters(idgbr_provider):
@@ -140,6 +149,32 @@ def test_paletted_renderer_from_card_classes(sample_labels, load_raster):
 def test_bad_class_tables_are_named(bad, message):
     with pytest.raises(ValueError, match=message):
         class_data(bad)
+
+
+def test_confidence_style_is_a_0_to_1_ramp_from_red_to_clear(tmp_path, load_raster):
+    import numpy as np
+    from osgeo import gdal
+    from qgis.core import QgsColorRampShader, QgsSingleBandPseudoColorRenderer
+
+    from idgbr_qgis.styling import apply_confidence_style
+
+    path = tmp_path / "confidence.tif"
+    dataset = gdal.GetDriverByName("GTiff").Create(str(path), 8, 8, 1, gdal.GDT_Float32)
+    dataset.GetRasterBand(1).WriteArray(np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8))
+    dataset.GetRasterBand(1).SetNoDataValue(-1)
+    dataset = None
+    layer = load_raster(path, "confidence")
+    apply_confidence_style(layer)
+    renderer = layer.renderer()
+    assert isinstance(renderer, QgsSingleBandPseudoColorRenderer)
+    assert (renderer.classificationMin(), renderer.classificationMax()) == (0.0, 1.0)
+    ramp = renderer.shader().rasterShaderFunction()
+    assert ramp.colorRampType() == QgsColorRampShader.Interpolated
+    items = ramp.colorRampItemList()
+    assert [item.value for item in items] == [0.0, 0.5, 0.8, 1.0]
+    unsure, sure = items[0].color, items[-1].color
+    assert unsure.red() > 200 and unsure.green() < 50 and unsure.alpha() > 200  # red, opaque
+    assert sure.alpha() == 0  # clear where the refiner is sure
 
 
 def test_categorized_polygon_style():

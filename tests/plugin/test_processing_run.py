@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 from osgeo import gdal
 from qgis.core import (
+    Qgis,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
     QgsPalettedRasterRenderer,
@@ -170,6 +171,56 @@ def test_loaded_output_has_paletted_style_with_class_names(sample_raster, tmp_pa
             (c["id"], c["name"], c["color"].upper()) for c in sorted(card_classes, key=lambda c: c["id"])]
     finally:
         project.removeMapLayers(list(set(project.mapLayers()) - before))
+
+
+def test_confidence_output_is_loaded_as_a_styled_layer_on_the_output_grid(sample_raster, tmp_path):
+    import processing
+    from qgis.core import QgsSingleBandPseudoColorRenderer
+
+    out, confidence = tmp_path / "refined.tif", tmp_path / "confidence.tif"
+    project = QgsProject.instance()
+    before = set(project.mapLayers())
+    try:
+        result = processing.runAndLoadResults("idgbr:refine", {
+            "INPUT": str(sample_raster), "EXTENT": SMALL, "STEPS": 1, "BAND": 6, "VOCABULARY": -1,
+            "MIN_CONFIDENCE": 0.4, "OUTPUT": str(out), "CONFIDENCE": str(confidence)})
+        assert Path(result["CONFIDENCE"]) == confidence and confidence.is_file()
+        added = [project.mapLayer(i) for i in set(project.mapLayers()) - before]
+        loaded = [layer for layer in added if isinstance(layer, QgsRasterLayer)
+                  and Path(layer.source()) == confidence]
+        assert len(loaded) == 1, [layer.source() for layer in added]
+        assert isinstance(loaded[0].renderer(), QgsSingleBandPseudoColorRenderer)
+        assert loaded[0].dataProvider().dataType(1) == Qgis.Float32
+    finally:
+        project.removeMapLayers(list(set(project.mapLayers()) - before))
+    assert grid(confidence) == grid(out)
+    dataset = gdal.Open(str(out))
+    try:
+        tags = dataset.GetMetadata()
+    finally:
+        dataset = None
+    assert (tags["IDGBR_BAND"], tags["IDGBR_VOCABULARY"], tags["IDGBR_MIN_CONFIDENCE"]) == ("6", "-1", "0.4")
+
+
+def test_band_0_returns_the_coarse_map(sample_raster, sample_labels, tmp_path):
+    import numpy as np
+
+    coarse = tmp_path / "coarse.tif"
+    gdal.Translate(str(coarse), str(sample_labels), srcWin=[200, 200, 128, 128], noData="none")
+    dataset = gdal.Open(str(coarse), gdal.GA_Update)
+    ids = dataset.GetRasterBand(1).ReadAsArray()
+    ids[ids == 255] = 1  # unlabelled pixels: give them a class, so every pixel has one
+    dataset.GetRasterBand(1).WriteArray(ids)
+    dataset = None
+    out = tmp_path / "kept.tif"
+    run({"INPUT": str(sample_raster), "COARSE": str(coarse), "EXTENT": "320100,320164,2789836,2789900 [EPSG:32640]",
+         "STEPS": 1, "BAND": 0, "VOCABULARY": -1, "OUTPUT": str(out)})
+    dataset = gdal.Open(str(out))
+    try:
+        written = dataset.GetRasterBand(1).ReadAsArray()
+    finally:
+        dataset = None
+    assert np.array_equal(written, ids)
 
 
 def test_coarse_map_on_another_grid(sample_raster, sample_labels, tmp_path):

@@ -33,8 +33,8 @@ def test_help_lists_the_parameters():
     completed = qgis_process("help idgbr:refine")
     assert completed.returncode == 0, completed.stdout + completed.stderr
     assert "IDGBR Refine" in completed.stdout
-    for name in ("INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "GUARD_BAND", "DEVICE", "OUTPUT",
-                 "OUTPUT_POLYGONS"):
+    for name in ("INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
+                 "DEVICE", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"):
         assert f"{name}:" in completed.stdout, name
 
 

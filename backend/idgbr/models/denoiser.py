@@ -1,10 +1,10 @@
-"""The conditional denoising U-Net: predicts the clean class map (as logits) from a noisy mask code.
+"""The conditional denoiser: predicts the clean class map (as logits) from a noisy mask code.
 
-It works on a pixel-unshuffled copy of the noisy code and of the coarse map's code (1/4 resolution, no
-information lost), receives the CG pyramid at 1/2, 1/4 and 1/8 through zero-initialised convolutions,
-and is modulated by the timestep embedding. Its output is a correction added to the coarse map's code
-(a learned scale), so an untrained refiner returns the coarse map and training learns where to depart
-from it. Its cost per sampler step is what limits speed, so it is the smallest part.
+A small U-Net at full, 1/2 and 1/4 resolution, modulated by the timestep embedding, that receives the CG
+pyramid at each of those scales through zero-initialised convolutions. Its output is a correction added
+to the coarse map's code (a learned scale, the correction's last layer starts at zero), so an untrained
+refiner returns the coarse map and training learns where to depart from it. It runs once per sampler
+step, so it is kept lighter than the CG net, which runs once per tile.
 """
 
 from __future__ import annotations
@@ -13,41 +13,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import ResBlock, conv3x3, timestep_embedding, zero_conv
+from .layers import ConvBlock, ResBlock, conv3x3, timestep_embedding, zero_conv
 
 
 class Denoiser(nn.Module):
     """x_t and coarse codes (B, K, H, W), t (B,), guidance pyramid -> (B, K, H, W) logits of the clean map."""
 
     def __init__(self, num_classes: int, widths: tuple[int, int, int], guidance_widths: tuple[int, int, int],
-                 emb_dim: int = 128) -> None:
+                 emb_dim: int = 64) -> None:
         super().__init__()
-        w2, w4, w8 = widths
-        g2, g4, g8 = guidance_widths
+        w1, w2, w4 = widths
+        g1, g2, g4 = guidance_widths
         self.emb_dim = emb_dim
         self.time_mlp = nn.Sequential(nn.Linear(emb_dim, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
-        self.inp = nn.Conv2d(2 * 16 * num_classes, w4, 1)
+        self.inp = ConvBlock(2 * num_classes, w1)
         self.coarse_scale = nn.Parameter(torch.tensor(2.0))
-        self.inject4 = zero_conv(g4, w4)
-        self.enc4 = ResBlock(w4, emb_dim)
-        self.down = conv3x3(w4, w8, stride=2)
-        self.inject8 = zero_conv(g8, w8)
-        self.mid8 = ResBlock(w8, emb_dim)
-        self.up = nn.Conv2d(w8, w4, 1)
-        self.dec4 = ResBlock(w4, emb_dim)
-        self.to_half = nn.Conv2d(w4, 4 * w2, 1)
+        self.inject1 = zero_conv(g1, w1)
+        self.down2 = conv3x3(w1, w2, stride=2)
         self.inject2 = zero_conv(g2, w2)
-        self.dec2 = nn.Sequential(conv3x3(w2, w2), nn.SiLU())
-        self.out = nn.Conv2d(w2, 4 * num_classes, 1)
+        self.enc2 = ResBlock(w2, emb_dim)
+        self.down4 = conv3x3(w2, w4, stride=2)
+        self.inject4 = zero_conv(g4, w4)
+        self.mid4 = ResBlock(w4, emb_dim)
+        self.up2 = nn.Conv2d(w4, w2, 1)
+        self.dec2 = ResBlock(w2, emb_dim)
+        self.up1 = nn.Conv2d(w2, w1, 1)
+        self.dec1 = ConvBlock(w1, w1)
+        self.out = zero_conv(w1, num_classes)
 
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, coarse_codes: torch.Tensor, guidance: list[torch.Tensor]
                 ) -> torch.Tensor:
-        g2, g4, g8 = guidance
+        g1, g2, g4 = guidance
         emb = self.time_mlp(timestep_embedding(t, self.emb_dim))
-        h4 = self.inp(F.pixel_unshuffle(torch.cat([x_t, coarse_codes], 1), 4)) + self.inject4(g4)
-        h4 = self.enc4(h4, emb)
-        h8 = self.mid8(self.down(h4) + self.inject8(g8), emb)
-        h4 = self.dec4(h4 + F.interpolate(self.up(h8), scale_factor=2.0, mode="nearest"), emb)
-        h2 = F.pixel_shuffle(self.to_half(h4), 2) + self.inject2(g2)
-        correction = F.pixel_shuffle(self.out(self.dec2(h2)), 2)
-        return correction + self.coarse_scale * coarse_codes
+        h1 = self.inp(torch.cat([x_t, coarse_codes], 1)) + self.inject1(g1)
+        h2 = self.enc2(self.down2(h1) + self.inject2(g2), emb)
+        h4 = self.mid4(self.down4(h2) + self.inject4(g4), emb)
+        h2 = self.dec2(h2 + F.interpolate(self.up2(h4), size=h2.shape[-2:], mode="nearest"), emb)
+        h1 = self.dec1(h1 + F.interpolate(self.up1(h2), size=h1.shape[-2:], mode="nearest"))
+        return self.out(h1) + self.coarse_scale * coarse_codes

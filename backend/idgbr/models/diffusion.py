@@ -1,4 +1,4 @@
-"""Noise schedule, mask codes, position-seeded noise, the few-step DDIM sampler and the guard band."""
+"""Noise schedule, mask codes, position-seeded noise and the few-step DDIM sampler."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .constraints import constrain_logits
 
 NOISE_BLOCK = 64  # noise is drawn per 64x64 block of the raster grid, so overlapping tiles agree
 
@@ -53,8 +55,12 @@ def position_noise(seed: int, origin: tuple[int, int], shape: tuple[int, int, in
 
 
 def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
-                steps: int, strength: float = 1.0, start_codes: torch.Tensor | None = None) -> torch.Tensor:
+                steps: int, strength: float = 1.0, start_codes: torch.Tensor | None = None,
+                allowed: torch.Tensor | None = None) -> torch.Tensor:
     """Deterministic DDIM (eta = 0) with x0-prediction. Returns the last step's logits (B, K, H, W).
+
+    ``allowed`` (B, K, H, W) bool, from ``constraints.allowed_classes``, blocks forbidden classes at every
+    step, so each step's x0 estimate is already a legal map.
 
     ``strength`` 1.0 starts from pure noise (the coarse map enters only through the guidance net);
     below 1.0 the start is the coarse map's codes (``start_codes``) noised to time ``strength``.
@@ -70,7 +76,7 @@ def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     logits = None
     for i in range(steps):
         t_now = times[i].expand(batch)
-        logits = predict_logits(x_t, t_now)
+        logits = constrain_logits(predict_logits(x_t, t_now), allowed)
         if i == steps - 1:
             break
         # The x0 estimate is the code of the predicted class: training only ever saw exact codes as x0, and a
@@ -80,35 +86,3 @@ def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Ten
         eps = (x_t - a_now.sqrt() * x0) / (1 - a_now).sqrt()
         x_t = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
     return logits
-
-
-def boundary_map(ids: torch.Tensor) -> torch.Tensor:
-    """(B, H, W) ids -> (B, H, W) bool, true where a 4-neighbour has another class."""
-    edge = torch.zeros_like(ids, dtype=torch.bool)
-    vertical = ids[:, 1:, :] != ids[:, :-1, :]
-    horizontal = ids[:, :, 1:] != ids[:, :, :-1]
-    edge[:, 1:, :] |= vertical
-    edge[:, :-1, :] |= vertical
-    edge[:, :, 1:] |= horizontal
-    edge[:, :, :-1] |= horizontal
-    return edge
-
-
-def guard_band_mask(coarse_ids: torch.Tensor, band: int) -> torch.Tensor:
-    """(B, H, W) bool: pixels within ``band`` px (Chebyshev distance) of a coarse class boundary."""
-    edge = boundary_map(coarse_ids).float()[:, None]
-    if band > 0:
-        # A square max-pool is separable: two 1-D pools give the same mask at a fraction of the cost.
-        size = 2 * band + 1
-        edge = F.max_pool2d(edge, kernel_size=(1, size), stride=1, padding=(0, band))
-        edge = F.max_pool2d(edge, kernel_size=(size, 1), stride=1, padding=(band, 0))
-    return edge[:, 0] > 0
-
-
-def apply_guard_band(logits: torch.Tensor, coarse_ids: torch.Tensor, band: int) -> torch.Tensor:
-    """Keep the coarse class wherever a pixel is farther than ``band`` px from a coarse boundary."""
-    if band <= 0:
-        return logits
-    inside = guard_band_mask(coarse_ids, band)[:, None]
-    coarse_logits = (mask_codes(coarse_ids, logits.shape[1]) * 20.0).to(logits.dtype)
-    return torch.where(inside, logits, coarse_logits)

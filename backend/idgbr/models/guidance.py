@@ -1,7 +1,10 @@
 """The conditional guidance (CG) net: reads [image, coarse map] once per tile and returns a feature pyramid.
 
-The pyramid enters the denoiser through zero-initialised 1x1 convolutions at each scale, so the denoiser
-starts as an unconditional model and learns how much to trust the image and the coarse map.
+A small U-Net: an encoder down to 1/16 with dilated blocks (its receptive field spans well over the largest
+boundary error the refiner is trained for, 32-px blocks and 16-px displacements) and a decoder back to full
+resolution with skips, so that image detail at the exact pixel is next to the output where boundaries are
+decided. Its full, 1/2 and 1/4 resolution features enter the denoiser through zero-initialised
+convolutions, so the denoiser learns how much to trust them.
 """
 
 from __future__ import annotations
@@ -13,20 +16,38 @@ from torch import nn
 from .layers import ConvBlock, ResBlock
 
 
-class GuidanceNet(nn.Module):
-    """(B, C, H, W) image and (B, K, H, W) coarse codes -> features at 1/2, 1/4 and 1/8 resolution."""
+def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, size=like.shape[-2:], mode="bilinear", align_corners=False)
 
-    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int]) -> None:
+
+class GuidanceNet(nn.Module):
+    """(B, C, H, W) image and (B, K, H, W) coarse codes -> features at full, 1/2 and 1/4 resolution."""
+
+    def __init__(self, in_channels: int, num_classes: int, widths: tuple[int, int, int, int, int]) -> None:
         super().__init__()
-        w2, w4, w8 = widths
-        # Pixel-unshuffle keeps every full-resolution pixel while the convolutions run at half resolution.
-        self.at_half = nn.Sequential(ConvBlock(4 * (in_channels + num_classes), w2), ConvBlock(w2, w2))
-        self.at_quarter = nn.Sequential(ConvBlock(w2, w4, stride=2), ResBlock(w4))
-        self.at_eighth = nn.Sequential(ConvBlock(w4, w8, stride=2), ResBlock(w8, dilation=2))
+        w1, w2, w4, w8, w16 = widths
+        self.enc1 = nn.Sequential(ConvBlock(in_channels + num_classes, w1), ConvBlock(w1, w1))
+        self.enc2 = nn.Sequential(ConvBlock(w1, w2, stride=2), ResBlock(w2))
+        self.enc4 = nn.Sequential(ConvBlock(w2, w4, stride=2), ResBlock(w4))
+        self.enc8 = nn.Sequential(ConvBlock(w4, w8, stride=2), ResBlock(w8, dilation=2))
+        self.enc16 = nn.Sequential(ConvBlock(w8, w16, stride=2), ResBlock(w16, dilation=2), ResBlock(w16, dilation=4))
+        self.lat16 = nn.Conv2d(w16, w8, 1)
+        self.dec8 = ConvBlock(w8, w8)
+        self.lat8 = nn.Conv2d(w8, w4, 1)
+        self.dec4 = ConvBlock(w4, w4)
+        self.lat4 = nn.Conv2d(w4, w2, 1)
+        self.dec2 = ConvBlock(w2, w2)
+        self.lat2 = nn.Conv2d(w2, w1, 1)
+        self.dec1 = ConvBlock(w1, w1)
 
     def forward(self, image: torch.Tensor, coarse_codes: torch.Tensor) -> list[torch.Tensor]:
-        x = F.pixel_unshuffle(torch.cat([image, coarse_codes], 1), 2)
-        f2 = self.at_half(x)
-        f4 = self.at_quarter(f2)
-        f8 = self.at_eighth(f4)
-        return [f2, f4, f8]
+        e1 = self.enc1(torch.cat([image, coarse_codes], 1))
+        e2 = self.enc2(e1)
+        e4 = self.enc4(e2)
+        e8 = self.enc8(e4)
+        e16 = self.enc16(e8)
+        d8 = self.dec8(e8 + _up(self.lat16(e16), e8))
+        d4 = self.dec4(e4 + _up(self.lat8(d8), e4))
+        d2 = self.dec2(e2 + _up(self.lat4(d4), e2))
+        d1 = self.dec1(e1 + _up(self.lat2(d2), e1))
+        return [d1, d2, d4]

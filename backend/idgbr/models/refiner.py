@@ -1,4 +1,4 @@
-"""The IDGBR refiner: CG net + conditional denoiser + sampler, and its training loss."""
+"""The IDGBR refiner: CG net + conditional denoiser + constrained few-step sampler, and its training loss."""
 
 from __future__ import annotations
 
@@ -8,69 +8,87 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constraints import allowed_classes, boundary_map, constrain_logits
 from .denoiser import Denoiser
-from .diffusion import apply_guard_band, ddim_sample, guard_band_mask, mask_codes, q_sample
+from .diffusion import ddim_sample, mask_codes, q_sample
 from .guidance import GuidanceNet
+
+REFINER_KIND = "idgbr-refiner/2"
 
 
 @dataclass
 class RefinerConfig:
     in_channels: int = 3
     num_classes: int = 5
-    guidance_widths: tuple[int, int, int] = (24, 48, 96)
-    denoiser_widths: tuple[int, int, int] = (16, 48, 96)
-    emb_dim: int = 128
+    guidance_widths: tuple[int, int, int, int, int] = (16, 32, 64, 96, 128)  # full, 1/2, 1/4, 1/8, 1/16
+    denoiser_widths: tuple[int, int, int] = (16, 32, 64)  # full, 1/2, 1/4
+    emb_dim: int = 64
+    kind: str = REFINER_KIND
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, spec: dict) -> RefinerConfig:
+        return cls(**{**spec, "guidance_widths": tuple(spec["guidance_widths"]),
+                      "denoiser_widths": tuple(spec["denoiser_widths"])})
 
 
 class Refiner(nn.Module):
     def __init__(self, config: RefinerConfig) -> None:
         super().__init__()
+        if config.kind != REFINER_KIND:
+            raise ValueError(f"refiner kind {config.kind!r}; this backend builds {REFINER_KIND!r}")
         self.config = config
         self.guidance = GuidanceNet(config.in_channels, config.num_classes, config.guidance_widths)
-        self.denoiser = Denoiser(config.num_classes, config.denoiser_widths, config.guidance_widths, config.emb_dim)
+        g1, g2, g4 = config.guidance_widths[:3]
+        self.denoiser = Denoiser(config.num_classes, config.denoiser_widths, (g1, g2, g4), config.emb_dim)
 
     @property
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def predict(self, x_t: torch.Tensor, t: torch.Tensor, image: torch.Tensor, coarse_ids: torch.Tensor
-                ) -> torch.Tensor:
-        """One denoiser call with fresh guidance: (B, K, H, W) logits of the clean map."""
-        codes = mask_codes(coarse_ids, self.num_classes)
-        return self.denoiser(x_t, t, codes, self.guidance(image, codes))
-
     @torch.no_grad()
     def sample(self, image: torch.Tensor, coarse_ids: torch.Tensor, noise: torch.Tensor, steps: int,
-               strength: float = 1.0, guard_band: int = 0) -> torch.Tensor:
-        """Refined logits (B, K, H, W). The CG net runs once; the denoiser runs ``steps`` times."""
+               strength: float = 1.0, band: int | None = None, vocabulary: int | None = None) -> torch.Tensor:
+        """Refined logits (B, K, H, W) under the band and vocabulary rules (None = rule off).
+        The CG net runs once; the denoiser runs ``steps`` times."""
         codes = mask_codes(coarse_ids, self.num_classes)
         guidance = self.guidance(image, codes)
-        logits = ddim_sample(lambda x, t: self.denoiser(x, t, codes, guidance), noise, steps, strength, codes)
-        return apply_guard_band(logits, coarse_ids, guard_band)
+        allowed = allowed_classes(coarse_ids, self.num_classes, band, vocabulary)
+        return ddim_sample(lambda x, t: self.denoiser(x, t, codes, guidance), noise, steps, strength, codes, allowed)
 
-    def loss(self, image: torch.Tensor, coarse_ids: torch.Tensor, truth: torch.Tensor, ignore_index: int = 255,
-             focus_band: int = 16) -> torch.Tensor:
-        """x0-prediction cross-entropy against the truth, concentrated where the sampler may act.
+    def loss(self, image: torch.Tensor, coarse_ids: torch.Tensor, truth: torch.Tensor, band: int,
+             generator: torch.Generator | None = None, ignore_index: int = 255) -> torch.Tensor:
+        """x0-prediction cross-entropy on exactly the states the sampler visits, under its rules.
 
-        The guard band lets the refiner change pixels only near coarse boundaries, so pixels within
-        ``focus_band`` px of one carry the loss (more on true boundaries and where the coarse map is wrong);
-        the rest keep a small weight so that the map stays sensible with the band switched off.
+        Half of the batch starts from pure noise (t = 1, the sampler's first step). The other half is the
+        sampler's later steps: the network's own first estimate, noised to t in [0.2, 0.8]. Training on noised
+        *truth* instead teaches the network to trust x_t, which at inference holds its own errors.
+        Only pixels where the rules (band and vocabulary, both ``band`` px) leave a choice, and where the
+        true class is reachable, carry the loss: more on true boundaries and where the coarse map is wrong.
         """
-        batch = image.shape[0]
+        batch, k = image.shape[0], self.num_classes
+        device = image.device
         valid = truth != ignore_index
-        # Unlabelled pixels take the coarse class in x0, so the noisy input is defined everywhere.
-        x0_ids = torch.where(valid, truth, coarse_ids)
-        x0 = mask_codes(x0_ids, self.num_classes)
-        # Bias towards high noise: the sampler starts at t = 1 and its first step matters most.
-        t = torch.rand(batch, device=image.device) ** 0.7
-        x_t = q_sample(x0, t, torch.randn_like(x0))
-        logits = self.predict(x_t, t, image, coarse_ids)
-        per_pixel = F.cross_entropy(logits, x0_ids, reduction="none")
-        wrong = (coarse_ids != truth) & valid
-        near_edge = guard_band_mask(x0_ids, 2)
-        in_band = guard_band_mask(coarse_ids, focus_band)
-        weight = valid.float() * (0.1 + in_band.float() * (1.0 + near_edge.float() + wrong.float()))
+        target = torch.where(valid, truth, coarse_ids)
+        codes = mask_codes(coarse_ids, k)
+        allowed = allowed_classes(coarse_ids, k, band, band)
+        guidance = self.guidance(image, codes)
+        noise = torch.randn(codes.shape, generator=generator).to(device)
+        with torch.no_grad():
+            ones = torch.ones(batch, device=device)
+            first = constrain_logits(self.denoiser(noise, ones, codes, [g.detach() for g in guidance]), allowed)
+            first_codes = mask_codes(first.argmax(1), k)
+        later = (torch.rand(batch, generator=generator) < 0.5).to(device)
+        t = torch.where(later, 0.2 + 0.6 * torch.rand(batch, generator=generator).to(device), ones)
+        fresh = torch.randn(codes.shape, generator=generator).to(device)
+        x_t = torch.where(later[:, None, None, None], q_sample(first_codes, t, fresh), noise)
+        logits = constrain_logits(self.denoiser(x_t, t, codes, guidance), allowed)
+        per_pixel = F.cross_entropy(logits.float(), target, reduction="none")
+        reachable = allowed.gather(1, target[:, None])[:, 0]
+        contested = allowed.sum(1) > 1
+        wrong = (coarse_ids != target) & valid
+        near_edge = F.max_pool2d(boundary_map(target).float()[:, None], 5, 1, 2)[:, 0]
+        weight = (valid & reachable & contested).float() * (1.0 + near_edge + 2.0 * wrong.float())
         return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)

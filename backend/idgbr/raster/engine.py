@@ -11,6 +11,12 @@ Memory stays bounded by the tile size and a column block's width, never the rast
 Both passes blend per-tile log-probabilities (normalised logits) with raised-cosine weights. Log-probs,
 rather than raw logits, because tiles without a class boundary skip the refiner and contribute a fixed
 near-one-hot distribution instead: the two must be on one scale to blend.
+
+The refiner's band and vocabulary rules act inside the sampler (``bundle.refine``); the confidence gate acts
+here, on the blended distribution of each final row (``constraints.gate_changes``): a pixel takes the
+refiner's class only where its probability reaches ``min_confidence``, else it keeps the coarse class. The
+optional confidence output is the probability of the class written (1.0 where only boundary-free tiles,
+which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class output is nodata).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from ..errors import Cancelled
+from ..models.constraints import gate_changes
 from .bands import PixelScaler
-from .io import NODATA, CoarseSource, OutputWriter, read_pixels
+from .io import CONFIDENCE_NODATA, NODATA, CoarseSource, GeoTiffWriter, read_pixels
 from .windows import OUTPUT_BLOCK, ColumnBlock, TileGrid, column_blocks, pad_tile, padded_size
 
 ProgressFn = Callable[[float, str], None]
@@ -45,7 +52,9 @@ class EngineConfig:
     batch: int
     steps: int
     seed: int
-    guard_band: int
+    band: int = -1  # the refiner may change pixels only within this many px of a coarse boundary; -1: off
+    vocabulary: int = -1  # ... only to classes the coarse map has within this many px; -1: off
+    min_confidence: float = 0.0  # ... only where the new class's probability reaches this; 0: off, 1: never
     max_block_width: int = 8192
 
 
@@ -54,6 +63,7 @@ class EngineStats:
     tiles: int = 0  # tiles of the final pass (refine tiles in refine mode, coarse tiles in segment mode)
     tiles_refined: int = 0
     coarse_tiles: int = 0
+    changed_pixels: int = 0  # written pixels whose class differs from the coarse map (refine mode)
     class_pixels: dict[int, int] = field(default_factory=dict)
     nodata_pixels: int = 0
     tile_shape: tuple[int, int] = (0, 0)  # (rows, cols) of every tile, before padding
@@ -123,8 +133,8 @@ class Pass:
 class Engine:
     def __init__(self, bundle, src: rasterio.io.DatasetReader, window: Window, bands: list[int],
                  scaler: PixelScaler, masked: bool, coarse: CoarseSource | None, config: EngineConfig,
-                 writer: OutputWriter, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None) -> None:
+                 writer: GeoTiffWriter, progress: ProgressFn | None = None,
+                 cancel: threading.Event | None = None, confidence_writer: GeoTiffWriter | None = None) -> None:
         self.bundle = bundle
         self.src = src
         self.window = window
@@ -135,6 +145,7 @@ class Engine:
         self.coarse_source = coarse
         self.config = config
         self.writer = writer
+        self.confidence_writer = confidence_writer if config.mode == "refine" else None
         self.progress = progress
         self.cancel = cancel
         card = bundle.card
@@ -235,9 +246,13 @@ class _BlockRun:
         self.refine = Pass(grid, block.refine_cols) if engine.refining else None
         self.coarse_acc = RollingRows((k,), span, np.float32) if self.coarse else None
         self.refine_acc = RollingRows((k,), span, np.float32) if self.refine else None
+        # Per pixel: the sum of the blending weights of all refine tiles, and of those the model refined.
+        self.refine_weight = RollingRows((2,), span, np.float32) if self.refine else None
         self.coarse_ids = RollingRows((), span, np.uint8) if self.refine else None
         self.valid = RollingRows((), span, bool, fill=True)
         self.out = RollingRows((), block.out_stop - block.out_start, np.uint8, fill=NODATA)
+        self.confidence = (RollingRows((), block.out_stop - block.out_start, np.float32, fill=CONFIDENCE_NODATA)
+                           if engine.confidence_writer is not None else None)
         self.emitted = 0
         self.flushed = 0
         self.strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
@@ -335,12 +350,14 @@ class _BlockRun:
             if values.size and values.min() != values.max():
                 self.pending.append((i, x))
                 continue
-            # No boundary: the refiner would return the coarse class (guard band), so skip the model.
+            # No boundary: nothing to refine (the band and vocabulary rules would keep the coarse class), so
+            # skip the model.
             klass = int(values.min()) if values.size else 0
             acc = self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw]
             w = self.weights(i, x)
             acc += w * self.log_skip_lo
             acc[klass] += w * (self.log_skip_hi - self.log_skip_lo)
+            self.refine_weight.view(y, y + self.th)[0, :, c : c + self.tw] += w
             self.e.stats.tiles += 1
             self.finish_refine_tile(i)
             e.advance(e.refine_cost, 1)
@@ -359,11 +376,13 @@ class _BlockRun:
             origins.append((e.row0 + y, e.col0 + x))
         coarse = torch.from_numpy(np.stack(ids))
         logits = e.bundle.refine(images, coarse, origins, steps=e.config.steps, seed=e.config.seed,
-                                 guard_band=e.config.guard_band)
+                                 band=e.config.band, vocabulary=e.config.vocabulary)
         log_p = e.log_probs(logits, self.th, self.tw)
         for (i, x), lp in zip(tiles, log_p):
             y, c = self.grid.rows[i], x - self.lo
-            self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * self.weights(i, x)
+            w = self.weights(i, x)
+            self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * w
+            self.refine_weight.view(y, y + self.th)[:, :, c : c + self.tw] += w
             self.finish_refine_tile(i)
         e.stats.tiles += len(tiles)
         e.stats.tiles_refined += len(tiles)
@@ -372,21 +391,44 @@ class _BlockRun:
     def finish_refine_tile(self, i: int) -> None:
         start, stop = self.refine.mark(i)
         if stop > start:
-            ids = self.refine_acc.view(start, stop).argmax(axis=0)
+            # The coarse ids of these rows are released only below, after the gate has used them.
+            ids, confidence = self.decide(start, stop)
             self.refine_acc.release(stop)
-            self.emit(start, stop, ids)
+            self.refine_weight.release(stop)
+            self.emit(start, stop, ids, confidence, coarse=self.coarse_ids.view(start, stop))
             first_needed = self.grid.rows[self.refine.first_open] if not self.refine.finished else stop
             self.coarse_ids.release(min(first_needed, stop))
 
+    def decide(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """Class ids and confidence of final rows [start, stop) from the blended log-probabilities, through
+        the confidence gate."""
+        weight = self.refine_weight.view(start, stop)
+        # Weighted mean of the tiles' log-probs (the weights need not sum to 1 where tiles overlap more than
+        # the ramps), so the probabilities are those of one tile wherever only one tile counts.
+        mean = self.refine_acc.view(start, stop) / np.maximum(weight[0], 1e-12)
+        coarse = self.coarse_ids.view(start, stop).astype(np.int64)
+        # At 1 no change can pass: float32 rounds a near-certain probability to exactly 1.0.
+        threshold = self.e.config.min_confidence if self.e.config.min_confidence < 1.0 else math.inf
+        ids, confidence = gate_changes(torch.from_numpy(mean[None]), torch.from_numpy(coarse[None]), threshold)
+        confidence = confidence[0].numpy()
+        # Pixels only boundary-free tiles cover were never the refiner's to change: certain, not SKIP_PROB.
+        confidence[weight[1] <= 0] = 1.0
+        return ids[0].numpy(), confidence
+
     # ----------------------------------------------------------------- output
 
-    def emit(self, start: int, stop: int, ids: np.ndarray) -> None:
+    def emit(self, start: int, stop: int, ids: np.ndarray, confidence: np.ndarray | None = None,
+             coarse: np.ndarray | None = None) -> None:
         """Rows [start, stop) of the block are final: mask nodata, queue for writing."""
         a, b = self.block.out_start - self.lo, self.block.out_stop - self.lo
         out = ids[:, a:b].astype(np.uint8)
         valid = self.valid.view(start, stop)[:, a:b]
         out[~valid] = NODATA
         self.out.view(start, stop)[...] = out
+        if self.confidence is not None and confidence is not None:
+            self.confidence.view(start, stop)[...] = np.where(valid, confidence[:, a:b], CONFIDENCE_NODATA)
+        if coarse is not None:
+            self.e.stats.changed_pixels += int(((out != coarse[:, a:b]) & valid).sum())
         self.valid.release(stop)
         self.emitted = stop
         self.e.class_hist += np.bincount(out.ravel(), minlength=256)
@@ -399,8 +441,13 @@ class _BlockRun:
         if rows <= 0:
             return
         self.e.writer.write(self.out.view(self.flushed, self.flushed + rows), self.flushed, self.block.out_start)
+        if self.confidence is not None:
+            self.e.confidence_writer.write(self.confidence.view(self.flushed, self.flushed + rows), self.flushed,
+                                           self.block.out_start)
         self.flushed += rows
         self.out.release(self.flushed)
+        if self.confidence is not None:
+            self.confidence.release(self.flushed)
 
     # ----------------------------------------------------------------- schedule
 

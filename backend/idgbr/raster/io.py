@@ -1,5 +1,5 @@
 """GeoTIFF input and output: opening with clear errors, the processing window (--extent), masks, the
-external coarse map, and the atomically written, styled class-id output."""
+external coarse map, and the atomically written outputs (styled class ids, refiner confidence)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ..errors import IdgbrError
 from .windows import OUTPUT_BLOCK
 
 NODATA = 255  # output value where the input is nodata or masked; never a class id (at most 255 classes)
+CONFIDENCE_NODATA = -1.0  # confidence output where the class output is nodata (a probability is never negative)
 GDAL_ENV = {
     # GDAL's block cache defaults to 5 % of RAM; bound it so memory does not grow with the raster.
     "GDAL_CACHEMAX": 64,
@@ -71,27 +72,29 @@ def same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def check_output(output: Path, inputs: list[tuple[str, Path]]) -> None:
-    """Fail before any work when OUTPUT cannot be written or would overwrite an input."""
+def check_output(output: Path, inputs: list[tuple[str, Path]], what: str = "OUTPUT") -> None:
+    """Fail before any work when an output (``what`` names it) cannot be written or would overwrite one of
+    ``inputs`` (name, path)."""
     output = Path(output)
+    lead = what[:1].upper() + what[1:]  # at the start of a sentence
     for name, path in inputs:
         if path is not None and same_file(path, output):
-            raise IdgbrError(f"OUTPUT is the same file as {name} ({path}); the input would be destroyed. "
-                             "Choose another output path.")
+            raise IdgbrError(f"{lead} is the same file as {name} ({path}); {name} would be destroyed. "
+                             f"Choose another path for {what}.")
     if output.is_dir():
-        raise IdgbrError(f"OUTPUT is a folder: {output}. Give a file name such as {output / 'refined.tif'}.")
+        raise IdgbrError(f"{lead} is a folder: {output}. Give a file name such as {output / 'refined.tif'}.")
     folder = output.parent if str(output.parent) else Path(".")
     if not folder.is_dir():
-        raise IdgbrError(f"The folder for OUTPUT does not exist: {folder}. Create it or choose another path.")
+        raise IdgbrError(f"The folder for {what} does not exist: {folder}. Create it or choose another path.")
     try:
         handle, probe = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".probe", dir=folder)
         os.close(handle)
         os.unlink(probe)
     except OSError as exc:
-        raise IdgbrError(f"Cannot write OUTPUT in {folder} ({exc.strerror or exc}). Choose a folder you can "
+        raise IdgbrError(f"Cannot write {what} in {folder} ({exc.strerror or exc}). Choose a folder you can "
                          "write to.") from exc
     if output.exists() and not os.access(output, os.W_OK):
-        raise IdgbrError(f"OUTPUT exists and is read-only: {output}. Remove it or choose another path.")
+        raise IdgbrError(f"{lead} exists and is read-only: {output}. Remove it or choose another path.")
 
 
 def parse_extent(text: str) -> tuple[float, float, float, float]:
@@ -255,15 +258,17 @@ def category_names_xml(classes: list[dict]) -> str:
             "\n    </CategoryNames>\n  </PAMRasterBand>\n</PAMDataset>\n")
 
 
-class OutputWriter:
-    """The class-id GeoTIFF, written to a temporary file beside OUTPUT and renamed into place by
-    ``commit``; ``abort`` (or leaving the ``with`` block on an exception) removes it, so a failed or
-    cancelled run leaves no OUTPUT behind."""
+class GeoTiffWriter:
+    """One single-band GeoTIFF on the window's grid, written to a temporary file beside ``output`` and
+    renamed into place by ``commit``; ``abort`` (or leaving the ``with`` block on an exception) removes it,
+    so a failed or cancelled run leaves nothing behind. ``OutputWriter`` (class ids) and
+    ``ConfidenceWriter`` (float32 probabilities) differ only in what they pass here."""
 
-    def __init__(self, output: Path, src: rasterio.io.DatasetReader, window: Window, classes: list[dict],
-                 tags: dict[str, str]) -> None:
+    def __init__(self, output: Path, src: rasterio.io.DatasetReader, window: Window, *, dtype: str,
+                 nodata: float, description: str, tags: dict[str, str], band_tags: dict[str, str] | None = None,
+                 colormap: dict[int, tuple[int, int, int, int]] | None = None, sidecar: str | None = None) -> None:
         self.output = Path(output)
-        self.classes = classes
+        self.sidecar = sidecar  # GDAL PAM XML installed as OUTPUT.aux.xml on commit (None: no sidecar)
         folder = self.output.parent if str(self.output.parent) else Path(".")
         handle, tmp = tempfile.mkstemp(prefix=f".{self.output.name}.", suffix=".tmp.tif", dir=folder)
         os.close(handle)
@@ -271,9 +276,10 @@ class OutputWriter:
         os.chmod(self.tmp, FILE_MODE)
         width, height = int(window.width), int(window.height)
         georeferenced = src.crs is not None or not src.transform.is_identity
+        floating = np.issubdtype(np.dtype(dtype), np.floating)
         profile = {
-            "driver": "GTiff", "dtype": "uint8", "count": 1, "width": width, "height": height,
-            "nodata": NODATA, "compress": "deflate", "predictor": 2, "BIGTIFF": "IF_SAFER",
+            "driver": "GTiff", "dtype": dtype, "count": 1, "width": width, "height": height,
+            "nodata": nodata, "compress": "deflate", "predictor": 3 if floating else 2, "BIGTIFF": "IF_SAFER",
         }
         # Tiny outputs cannot hold 256-px tiles; GDAL wants tiles no larger than needed, so use strips there.
         if width >= OUTPUT_BLOCK and height >= OUTPUT_BLOCK:
@@ -284,17 +290,18 @@ class OutputWriter:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", NotGeoreferencedWarning)
                 self.dataset = rasterio.open(self.tmp, "w", **profile)
-            self.dataset.write_colormap(1, colormap(classes))
-            self.dataset.set_band_description(1, "class id")
+            if colormap is not None:
+                self.dataset.write_colormap(1, colormap)
+            self.dataset.set_band_description(1, description)
             self.dataset.update_tags(**tags)
-            names = {f"CLASS_{int(c['id'])}": str(c["name"]) for c in classes}
-            self.dataset.update_tags(1, IDGBR_CLASSES=json.dumps(classes), **names)
+            if band_tags:
+                self.dataset.update_tags(1, **band_tags)
         except BaseException:
             self._remove()
             raise
 
-    def write(self, ids: np.ndarray, row: int, col: int) -> None:
-        self.dataset.write(ids[None], window=Window(col, row, ids.shape[1], ids.shape[0]))
+    def write(self, values: np.ndarray, row: int, col: int) -> None:
+        self.dataset.write(values[None], window=Window(col, row, values.shape[1], values.shape[0]))
 
     def _remove(self) -> None:
         with contextlib.suppress(Exception):
@@ -309,10 +316,14 @@ class OutputWriter:
         aux = Path(str(self.output) + ".aux.xml")
         aux_tmp = Path(str(self.tmp) + ".cat.xml")
         try:
-            aux_tmp.write_text(category_names_xml(self.classes), encoding="utf-8")
-            os.chmod(aux_tmp, FILE_MODE)
+            if self.sidecar is not None:
+                aux_tmp.write_text(self.sidecar, encoding="utf-8")
+                os.chmod(aux_tmp, FILE_MODE)
             os.replace(self.tmp, self.output)
-            os.replace(aux_tmp, aux)
+            if self.sidecar is not None:
+                os.replace(aux_tmp, aux)
+            else:
+                aux.unlink(missing_ok=True)  # statistics of a file this one replaced
         except OSError as exc:
             self._remove()
             aux_tmp.unlink(missing_ok=True)
@@ -322,9 +333,47 @@ class OutputWriter:
     def abort(self) -> None:
         self._remove()
 
-    def __enter__(self) -> OutputWriter:
+    def __enter__(self) -> GeoTiffWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             self.abort()
+
+
+class OutputWriter(GeoTiffWriter):
+    """The class-id GeoTIFF: uint8, nodata 255, the classes' colour table, band tags with the class names
+    and a PAM sidecar with category names."""
+
+    def __init__(self, output: Path, src: rasterio.io.DatasetReader, window: Window, classes: list[dict],
+                 tags: dict[str, str]) -> None:
+        self.classes = classes
+        names = {f"CLASS_{int(c['id'])}": str(c["name"]) for c in classes}
+        super().__init__(output, src, window, dtype="uint8", nodata=NODATA, description="class id", tags=tags,
+                         band_tags={"IDGBR_CLASSES": json.dumps(classes), **names}, colormap=colormap(classes),
+                         sidecar=category_names_xml(classes))
+
+
+class ConfidenceWriter(GeoTiffWriter):
+    """The refiner's confidence: float32, the probability (0..1) of the class written at each pixel,
+    ``CONFIDENCE_NODATA`` where the class output is nodata."""
+
+    def __init__(self, output: Path, src: rasterio.io.DatasetReader, window: Window, tags: dict[str, str]) -> None:
+        super().__init__(output, src, window, dtype="float32", nodata=CONFIDENCE_NODATA,
+                         description="refiner confidence", tags=tags)
+
+
+def commit_all(writers: list[GeoTiffWriter]) -> None:
+    """Commit several outputs of one run: if a later one cannot be moved into place, the ones already
+    committed are removed again, so a run leaves all its outputs or none."""
+    done: list[GeoTiffWriter] = []
+    try:
+        for writer in writers:
+            writer.commit()
+            done.append(writer)
+    except BaseException:
+        for writer in done:
+            for path in (writer.output, Path(str(writer.output) + ".aux.xml")):
+                with contextlib.suppress(OSError):
+                    path.unlink()
+        raise

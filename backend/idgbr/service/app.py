@@ -78,10 +78,23 @@ class JobRequest(BaseModel):
     extent_crs: Optional[str] = Field(None, min_length=1, max_length=MAX_PATH_CHARS)
     tile: Optional[int] = Field(None, ge=16, le=4096)
     overlap: Optional[int] = Field(None, ge=0, le=2048)
-    guard_band: Optional[int] = Field(None, ge=0, le=1024)
+    band: Optional[int] = Field(None, ge=-1, le=1024,
+                                description="refine: the refiner may change a pixel only within this many px of a "
+                                            "coarse class boundary; 0 keeps the coarse map, -1 switches the rule "
+                                            "off; null: the model card's default")
+    vocabulary: Optional[int] = Field(None, ge=-1, le=1024,
+                                      description="refine: a pixel may only take a class the coarse map has within "
+                                                  "this many px; -1 switches the rule off; null: the card's default")
+    min_confidence: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
+                                            description="refine: a pixel takes the refiner's class only where its "
+                                                        "probability reaches this, else it keeps the coarse class; "
+                                                        "0 switches the gate off; null: the card's default")
+    confidence: Optional[PathText] = Field(None, description="refine: absolute path of a float32 GeoTIFF (.tif) "
+                                                             "to write the refiner's probability of each written "
+                                                             "class to (-1 where the output is nodata)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
-    @field_validator("input", "output", "coarse")
+    @field_validator("input", "output", "coarse", "confidence")
     @classmethod
     def _paths(cls, value: Optional[str]) -> Optional[str]:
         return None if value is None else _check_path_text(value)
@@ -103,6 +116,9 @@ class JobRequest(BaseModel):
             raise ValueError("extent_crs only applies to an extent: give extent too, or leave extent_crs out")
         if self.coarse is not None and self.mode != "refine":
             raise ValueError("coarse is only used in refine mode: set mode to 'refine' or leave coarse out")
+        if self.confidence is not None and self.mode != "refine":
+            raise ValueError("confidence is only written in refine mode: set mode to 'refine' or leave confidence "
+                             "out")
         if self.tile is not None and self.overlap is not None and self.overlap * 2 > self.tile:
             raise ValueError("overlap must be at most half of tile")
         return self
@@ -270,11 +286,14 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
                          429: {"description": "too many jobs waiting"}})
     def submit(request: JobRequest) -> Any:
         fields = _check_job(request, catalog)
-        if any(_same_file(Path(request.output), Path(other)) for other in jobs.active_outputs()):
-            return _error(409, f"another unfinished job already writes {request.output}: wait for it, cancel it, "
-                               "or choose another output path")
+        written = [request.output] + ([request.confidence] if request.confidence is not None else [])
+        active = jobs.active_outputs()
+        for path in written:
+            if any(_same_file(Path(path), Path(other)) for other in active):
+                return _error(409, f"another unfinished job already writes {path}: wait for it, cancel it, or "
+                                   "choose another output path")
         try:
-            job = jobs.submit(fields, request.output)
+            job = jobs.submit(fields, request.output, also_writes=written[1:])
         except QueueFull as exc:
             return _error(429, str(exc))
         return {"id": job.id, "state": job.state.value}
@@ -351,6 +370,7 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
     for label, other in (("input", source), ("coarse", coarse)):
         if other is not None and _same_file(output, other):
             raise fail(f"output {request.output} is the {label} raster: choose another output path")
+    confidence = _check_confidence(request, fail, [("input", source), ("coarse", coarse), ("output", output)])
 
     return {
         "input": source,
@@ -365,9 +385,34 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
         "extent_crs": request.extent_crs,
         "tile": request.tile,
         "overlap": request.overlap,
-        "guard_band": request.guard_band,
+        "band": request.band,
+        "vocabulary": request.vocabulary,
+        "min_confidence": request.min_confidence,
+        "confidence": confidence,
         "seed": request.seed,
     }
+
+
+def _check_confidence(request: JobRequest, fail: Callable[[str], HTTPException],
+                      others: List[Any]) -> Optional[Path]:
+    """The confidence output's path, checked like the output's; None when none is wanted."""
+    if request.confidence is None:
+        return None
+    confidence = Path(request.confidence)
+    if confidence.suffix.lower() not in RASTER_SUFFIXES:
+        raise fail(f"confidence {request.confidence} must be a GeoTIFF ending in .tif or .tiff: change its name")
+    try:
+        if confidence.is_dir():
+            raise fail(f"confidence {request.confidence} is a folder: give a file name ending in .tif")
+        if not confidence.parent.is_dir():
+            raise fail(f"the folder of confidence {request.confidence} does not exist: create it first")
+    except (OSError, ValueError) as exc:
+        raise fail(f"confidence path {request.confidence!r} cannot be used ({exc}): check the path") from exc
+    for label, other in others:
+        if other is not None and _same_file(confidence, other):
+            raise fail(f"confidence {request.confidence} is the {label} raster: choose another path for the "
+                       "confidence")
+    return confidence
 
 
 # --------------------------------------------------------------------------------------------------------------

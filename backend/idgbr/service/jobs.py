@@ -12,7 +12,7 @@ import time
 import traceback
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from idgbr.errors import Cancelled, IdgbrError
 
@@ -45,6 +45,7 @@ class Job:
     id: str
     options: Any
     output: str
+    also_writes: Tuple[str, ...] = ()  # further outputs (the confidence raster)
     state: JobState = JobState.QUEUED
     progress: float = 0.0  # percent, 0..100
     message: str = "queued"
@@ -126,13 +127,13 @@ class JobQueue:
         return not self._thread.is_alive()
 
     # -- API -----------------------------------------------------------------------------------------------------
-    def submit(self, options: Any, output: str) -> Job:
+    def submit(self, options: Any, output: str, also_writes: Sequence[str] = ()) -> Job:
         with self._lock:
             if len(self._order) >= self._max_queued:
                 raise QueueFull(
                     f"{len(self._order)} jobs are already waiting: wait for some to finish or cancel them"
                 )
-            job = Job(id=uuid.uuid4().hex, options=options, output=output)
+            job = Job(id=uuid.uuid4().hex, options=options, output=output, also_writes=tuple(also_writes))
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._forget_old()
@@ -158,7 +159,8 @@ class JobQueue:
     def active_outputs(self) -> List[str]:
         """Outputs of queued and running jobs (two jobs must not write the same file)."""
         with self._lock:
-            return [job.output for job in self._jobs.values() if not job.state.finished]
+            return [path for job in self._jobs.values() if not job.state.finished
+                    for path in (job.output, *job.also_writes)]
 
     def counts(self) -> Dict[str, int]:
         with self._lock:

@@ -1,0 +1,287 @@
+"""Training of the refiner (`idgbr train refiner`): long, resumable runs on the maps of many models.
+
+What the refiner sees, so that it learns *repair* rather than one model's habits:
+- real coarse maps of several discriminative models (every ``--coarse-source``, and a pixel classifier with
+  ``--pixel-classifier``), half of the time degraded further;
+- synthetic errors of the truth across scales (``degrade.random_degradation``);
+- crops at 0.5x to 2.5x scale, plus strong photometric changes, and for binary tasks the Accra drone tiles
+  at two resolutions beside the Dubai ones: a new sensor must not look like a new world.
+
+Runs are resumable: every ``--save-minutes`` the full training state (weights, their moving average,
+optimizer, random generators, position in the schedule) goes to ``OUTPUT.state.pt`` and the model file
+is rewritten with the averaged weights. ``--resume`` continues from the state; a resumed run gives the same
+weights as an uninterrupted run of the same length. Where the state is gone (another machine), ``--resume
+--warm-start MODEL`` continues from a model file's refiner and its recorded place in the schedule. The
+learning rate follows ``--iterations`` (the whole run, over any number of sessions); ``--minutes`` and
+``--session-iterations`` only end this run's part of it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .checkpoint import load_checkpoint, save_checkpoint, split_state
+from .data import BINARY_TASKS, CropSampler, Scene, load_accra, load_scenes, normalize
+from .degrade import random_degradation
+from .errors import IdgbrError
+from .model_bundle import build_bundle, select_device
+from .models.refiner import Refiner, RefinerConfig
+
+STATE_SUFFIX = ".state.pt"
+EMA_DECAY = 0.998
+TRAIN_BAND = 16  # the rules' radius in training: at least the widest band validation may choose
+# Sampler defaults of a freshly trained refiner, until validation (`python -m idgbr.validate`) picks its own.
+DEFAULT_SAMPLER = {"steps": 2, "strength": 1.0, "seed": 0, "band": 8, "vocabulary": 8, "min_confidence": 0.5}
+
+
+@dataclass
+class RefinerRun:
+    data: Path
+    output: Path
+    coarse_model: Path  # supplies the card (classes, normalisation) and the coarse part of the bundle
+    coarse_sources: list[Path] = field(default_factory=list)  # further models whose maps are training inputs
+    accra: Path | None = None  # binary tasks: the accra-buildings folder
+    tiles: list[str] = field(default_factory=lambda: [f"tile{i}" for i in range(1, 7)])
+    task: str | None = None  # None: the coarse model's task; for a binary model, "roads" or "buildings" data
+    pixel_classifier: bool = False
+    iterations: int = 6000
+    minutes: float | None = None  # this run's wall-clock budget (the schedule follows ``iterations``)
+    session_iterations: int | None = None  # at most this many iterations in this run
+    save_minutes: float = 5.0
+    batch: int = 8
+    crop: int = 256
+    lr: float = 1e-3
+    device: str = "auto"
+    precision: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    warm_start: Path | None = None  # continue from a model file's refiner when no training state exists
+    real_share: float = 0.4  # share of crops whose coarse map is a real model's prediction
+
+
+def cpu_has_bf16() -> bool:
+    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast trains faster."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
+    if precision not in ("auto", "fp32", "bf16"):
+        raise IdgbrError(f"--precision must be auto, fp32 or bf16 (got {precision!r}).")
+    use_bf16 = precision == "bf16" or (precision == "auto" and (device.type == "cuda" or cpu_has_bf16()))
+    if not use_bf16:
+        return contextlib.nullcontext(), "fp32"
+    return torch.autocast(device.type, dtype=torch.bfloat16), "bf16"
+
+
+def _coarse_only(path: Path, device: torch.device):
+    """A model file's coarse segmenter alone (the refiner part, of any version, is not needed)."""
+    tensors, card = load_checkpoint(path)
+    card = {**card, "architecture": {"coarse": card["architecture"]["coarse"]}, "parts": ["coarse"]}
+    return build_bundle({k: v for k, v in tensors.items() if k.startswith("coarse.")}, card, device, path)
+
+
+def training_scenes(run: RefinerRun, card: dict) -> list[Scene]:
+    """Multiclass: the Dubai tiles. Binary: the Dubai tiles as road scenes and as building scenes, and with
+    ``accra`` the Accra drone tiles at ~0.2 and ~0.1 m; each scene remembers its foreground class."""
+    if card["task"] == "multiclass":
+        return load_scenes(run.data, run.tiles, "multiclass")
+    scenes = []
+    for task in ("roads", "buildings"):
+        for scene in load_scenes(run.data, run.tiles, task):
+            scene.foreground = BINARY_TASKS[task]
+            scenes.append(scene)
+    if run.accra is not None:
+        for scene in load_accra(run.accra, "train", 4) + load_accra(run.accra, "train", 2):
+            scene.foreground = BINARY_TASKS["buildings"]
+            scenes.append(scene)
+    return scenes
+
+
+def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: torch.device) -> list[str]:
+    """Predict every scene with every coarse source; scenes carry them as extra (S, H, W). Returns names.
+
+    A binary refiner learns from several foregrounds (roads, buildings), so its real maps come from
+    multiclass sources (the scene's foreground class against the rest); binary sources are left out."""
+    from .train import predict_scene
+
+    binary = card["task"] != "multiclass"
+    names, maps = [], [[] for _ in scenes]
+    for path in [run.coarse_model, *run.coarse_sources]:
+        bundle = _coarse_only(path, device)
+        if binary and bundle.card["task"] != "multiclass":
+            print(f"{path.name}: a binary model of one foreground; not a source for this refiner", flush=True)
+            continue
+        for i, scene in enumerate(scenes):
+            maps[i].append(predict_scene(bundle, scene, card["task"], scene.foreground))
+        names.append(path.stem)
+    if run.pixel_classifier and not binary:
+        from .classical import PixelClassifier
+
+        classifier = PixelClassifier(seed=run.seed).fit([s.image for s in scenes], [s.labels for s in scenes])
+        for i, scene in enumerate(scenes):
+            maps[i].append(classifier.predict(scene.image))
+        names.append("pixel classifier")
+    if names:
+        for scene, scene_maps in zip(scenes, maps):
+            scene.extra = np.stack(scene_maps)
+    return names
+
+
+class EMA:
+    """Moving average of the weights: the shipped weights, steadier than the last iteration's."""
+
+    def __init__(self, model: torch.nn.Module, decay: float = EMA_DECAY) -> None:
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for avg, new in zip(self.model.state_dict().values(), model.state_dict().values()):
+            if avg.dtype.is_floating_point:
+                avg.mul_(self.decay).add_(new.detach(), alpha=1 - self.decay)
+            else:
+                avg.copy_(new)
+
+
+def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
+    warmup = min(1.0, (iteration - warm_from + 1) / 200)
+    return run.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / run.iterations)))
+
+
+def make_batch(run: RefinerRun, sampler: CropSampler, generator: torch.Generator, k: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    images, labels, real = sampler.sample(run.batch)
+    coarse = random_degradation(labels, k, generator)
+    if real is not None:
+        use_real = (torch.rand(run.batch, generator=generator) < run.real_share)[:, None, None]
+        if torch.rand(1, generator=generator).item() < 0.5:
+            real = random_degradation(real, k, generator)
+        coarse = torch.where(use_real, real, coarse)
+    return images, labels, coarse.clamp(0, k - 1)
+
+
+def train_refiner(run: RefinerRun) -> dict:
+    device = select_device(run.device)
+    torch.manual_seed(run.seed)
+    coarse_tensors, card = load_checkpoint(run.coarse_model)
+    card = copy.deepcopy(card)
+    card.update(sampler=dict(DEFAULT_SAMPLER), metrics={})
+    card["training"].pop("refiner", None)
+    k = int(card["num_classes"])
+    scenes = training_scenes(run, card)
+    source_names = attach_real_maps(run, card, scenes, device)
+    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
+    print(f"refiner: {len(scenes)} scenes ({sum(s.labels.size for s in scenes) / 1e6:.0f} MP), real maps of "
+          f"{', '.join(source_names)}", flush=True)
+
+    config = RefinerConfig(in_channels=len(mean), num_classes=k)
+    model = Refiner(config).to(device)
+    ema = EMA(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=1e-4)
+    sampler = CropSampler(scenes, run.crop, scale_range=(0.5, 2.5), seed=run.seed + 1, strong_photometric=True)
+    generator = torch.Generator().manual_seed(run.seed)
+    autocast, precision = autocast_for(device, run.precision)
+    state_path = run.output.with_name(run.output.name + STATE_SUFFIX)
+    progress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
+    warm_from = 0
+    if run.resume and not state_path.is_file() and run.warm_start is None:
+        raise IdgbrError(f"--resume: no training state at {state_path}; start without --resume, or give "
+                         "--warm-start MODEL to continue from a model file's refiner.")
+    if run.resume and state_path.is_file():
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        sampler.rng.bit_generator.state = state["sampler_rng"]
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        progress.update(state["progress"])
+        print(f"resumed at iteration {progress['iteration']} ({progress['seconds'] / 3600:.2f} h so far)", flush=True)
+    elif run.warm_start is not None:
+        # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
+        # continues the schedule from there with a fresh optimizer (after a short warm-up).
+        tensors, warm_card = load_checkpoint(run.warm_start)
+        weights = split_state(tensors, "refiner.")
+        if not weights or warm_card["num_classes"] != k:
+            raise IdgbrError(f"--warm-start {run.warm_start} has no {k}-class refiner to continue from.")
+        model.load_state_dict(weights)
+        ema.model.load_state_dict(weights)
+        done = warm_card.get("training", {}).get("refiner", {})
+        progress.update(iteration=int(done.get("iterations", 0)), seconds=float(done.get("hours", 0)) * 3600,
+                        sessions=int(done.get("sessions", 0)), loss=float(done.get("final_loss", 0.0)))
+        warm_from = progress["iteration"]
+        print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
+    progress["sessions"] += 1
+
+    meta = {"tiles": run.tiles, "accra": run.accra is not None, "batch": run.batch, "crop": run.crop,
+            "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision,
+            "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND, "ema_decay": EMA_DECAY,
+            "coarse_sources": source_names,
+            "synthetic_errors": "blocky 4-32 px, smoothing, warp 2-16 px, shift 2-12 px, erosion/dilation, "
+                                "lost thin structures, spurious blobs (1-3 at once)",
+            "augmentation": "scale 0.5-2.5x (log-uniform), rotations, flips, strong photometric"}
+
+    def save() -> None:
+        card["name"] = run.output.stem
+        card["architecture"]["refiner"] = config.to_dict()
+        card["parts"] = ["coarse", "refiner"] if "coarse" in card["architecture"] else ["refiner"]
+        card["training"]["refiner"] = {**meta, "iterations": progress["iteration"],
+                                       "hours": round(progress["seconds"] / 3600, 2),
+                                       "sessions": progress["sessions"], "final_loss": round(progress["loss"], 4)}
+        tensors = {f"coarse.{n}": v for n, v in split_state(coarse_tensors, "coarse.").items()}
+        tensors.update({f"refiner.{n}": v for n, v in ema.model.state_dict().items()})
+        save_checkpoint(run.output, tensors, card)
+        state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
+                 "sampler_rng": sampler.rng.bit_generator.state, "generator": generator.get_state(),
+                 "torch_rng": torch.get_rng_state(), "progress": dict(progress)}
+        tmp = state_path.with_name(state_path.name + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(state_path)
+        print(f"saved {run.output} and its training state at iteration {progress['iteration']}", flush=True)
+
+    model.train()
+    session_start = last_save = time.monotonic()
+    tick = time.monotonic()
+    stop = run.iterations if run.session_iterations is None else min(
+        run.iterations, progress["iteration"] + run.session_iterations)
+    while progress["iteration"] < stop:
+        if run.minutes is not None and time.monotonic() - session_start >= run.minutes * 60:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(run, progress["iteration"], warm_from)
+        images, labels, coarse = make_batch(run, sampler, generator, k)
+        images = normalize(images, mean, std).to(device)
+        with autocast:
+            loss = model.loss(images, coarse.to(device), labels.to(device), TRAIN_BAND, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        ema.update(model)
+        now = time.monotonic()
+        progress["seconds"] += now - tick
+        tick = now
+        progress["loss"] = 0.98 * progress["loss"] + 0.02 * loss.item() if progress["iteration"] else loss.item()
+        progress["iteration"] += 1
+        if progress["iteration"] % 50 == 0:
+            print(f"refiner it {progress['iteration']} loss {progress['loss']:.4f} "
+                  f"{progress['seconds'] / 3600:.2f} h", flush=True)
+        if now - last_save > run.save_minutes * 60:
+            save()
+            last_save = time.monotonic()
+    save()
+    return card

@@ -1,0 +1,55 @@
+"""Builds a bundled model file from a trained refiner and (optionally) another model's coarse segmenter.
+
+    python tools/assemble_model.py runs/dubai5_refiner.safetensors -o resources/models/dubai5.safetensors
+    python tools/assemble_model.py runs/binary2_refiner.safetensors --coarse runs/buildings2_coarse.safetensors \
+        -o resources/models/buildings2.safetensors
+
+A binary refiner learns boundary repair for several foregrounds (roads, buildings), so one refiner serves
+several binary models: the coarse model supplies the classes, bands, normalisation and pixel size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+from pathlib import Path
+
+from idgbr.checkpoint import load_checkpoint, save_checkpoint
+
+
+def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None) -> dict:
+    tensors, card = load_checkpoint(refiner_path)
+    card = copy.deepcopy(card)
+    if coarse_path is not None:
+        coarse_tensors, coarse_card = load_checkpoint(coarse_path)
+        if coarse_card["num_classes"] != card["num_classes"]:
+            raise SystemExit(f"{coarse_path} has {coarse_card['num_classes']} classes, the refiner "
+                             f"{card['num_classes']}: they cannot form one model.")
+        if coarse_card["normalization"] != card["normalization"]:
+            raise SystemExit(f"{coarse_path} normalises its input unlike the refiner's training; retrain it "
+                             "with the Dubai statistics.")
+        tensors = {k: v for k, v in tensors.items() if not k.startswith("coarse.")}
+        tensors.update({k: v for k, v in coarse_tensors.items() if k.startswith("coarse.")})
+        refiner_training = card["training"]["refiner"]
+        card = {**copy.deepcopy(coarse_card), "sampler": card["sampler"], "metrics": {}}
+        card["architecture"]["refiner"] = load_checkpoint(refiner_path)[1]["architecture"]["refiner"]
+        card["training"]["refiner"] = refiner_training
+        card["parts"] = ["coarse", "refiner"]
+    card["name"] = out.stem
+    save_checkpoint(out, tensors, card)
+    return card
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("refiner", type=Path, help="a model file written by 'idgbr train refiner'")
+    parser.add_argument("--coarse", type=Path, help="take the coarse segmenter (and card) from this model file")
+    parser.add_argument("-o", "--output", type=Path, required=True)
+    args = parser.parse_args()
+    card = assemble(args.refiner, args.output, args.coarse)
+    print(f"wrote {args.output} ({card['name']}: {', '.join(c['name'] for c in card['classes'])})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
