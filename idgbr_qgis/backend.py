@@ -155,8 +155,9 @@ class BackendManager:
                     # The service died or was stopped: forget it and start a fresh one below.
                     self._client = None
             python, _source = self._locate()
+            # The service stops by itself once this QGIS ends, even by a crash or kill -9 (its job cancelled).
             self._client = BackendClient.start_or_connect(str(python), state_dir=self._state_dir,
-                                                          timeout=self._timeout)
+                                                          timeout=self._timeout, parent_pid=os.getpid())
             self._python = python
             if self._client.process is not None and not self._atexit_registered:
                 # Standalone PyQGIS scripts never unload the plugin: stop our child when Python exits.

@@ -101,11 +101,13 @@ class BackendClient:
     @classmethod
     def start_or_connect(cls, python: PathLike, state_dir: Optional[PathLike] = None, timeout: float = 60.0, *,
                          port: int = 0, env: Optional[Mapping[str, str]] = None,
-                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> BackendClient:
+                         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
+                         parent_pid: Optional[int] = None) -> BackendClient:
         """Reuse the service recorded in STATE_DIR if it answers, else start `PYTHON -m idgbr serve`.
 
         PORT 0 lets the service pick a free port. ENV adds variables for a newly started service, which stops
-        by itself after IDLE_TIMEOUT s without requests or jobs (0: never), e.g. when QGIS crashed.
+        by itself after IDLE_TIMEOUT s without requests or jobs (0: never), and within seconds after process
+        PARENT_PID ends (e.g. QGIS crashed or was killed), cancelling its job.
         """
         state = Path(state_dir) if state_dir is not None else default_state_dir()
         try:
@@ -122,7 +124,7 @@ class BackendClient:
                 # The user picked another interpreter: replace the old service rather than keep using it.
                 with contextlib.suppress(BackendError):
                     existing.shutdown()
-            return cls._spawn(interpreter, state, timeout, port, env, idle_timeout)
+            return cls._spawn(interpreter, state, timeout, port, env, idle_timeout, parent_pid)
 
     @classmethod
     def _from_state(cls, state: Path) -> Optional[BackendClient]:
@@ -147,7 +149,8 @@ class BackendClient:
 
     @classmethod
     def _spawn(cls, python: str, state: Path, timeout: float, port: int,
-               extra_env: Optional[Mapping[str, str]], idle_timeout: float) -> BackendClient:
+               extra_env: Optional[Mapping[str, str]], idle_timeout: float,
+               parent_pid: Optional[int] = None) -> BackendClient:
         token_file = state / TOKEN_FILE
         log_path = state / LOG_FILE
         _rotate(log_path)
@@ -159,6 +162,8 @@ class BackendClient:
         log_offset = log.tell()
         command = [python, "-m", SERVE_MODULE, "serve", "--host", HOST, "--port", str(int(port)),
                    "--token-file", str(token_file), "--idle-timeout", str(float(idle_timeout))]
+        if parent_pid is not None:
+            command += ["--parent-pid", str(int(parent_pid))]
         env = {k: v for k, v in os.environ.items() if k.upper() not in _FOREIGN_ENV}
         env.update({"PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8", "IDGBR_STATE_DIR": str(state)})
         env.update(extra_env or {})

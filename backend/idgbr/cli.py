@@ -4,14 +4,17 @@ own modules through ``register_cli(subparsers)``."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Iterator, TextIO
 
 from . import __version__
 from .errors import Cancelled, IdgbrError
@@ -24,6 +27,37 @@ SUBCOMMAND_MODULES = ("idgbr.train", "idgbr.evaluate", "idgbr.checkpoint", "idgb
 VALUE_OPTIONS = ("--extent",)  # options whose value may start with a minus sign
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130  # the shell's convention for Ctrl-C
+STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled like Ctrl-C during a run (Windows has no SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP during a run: unwinds like Ctrl-C, so the temporary outputs are removed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_signals_like_ctrl_c() -> Iterator[None]:
+    """While inside, SIGTERM and SIGHUP raise ``Stopped`` in the main thread, as SIGINT raises
+    KeyboardInterrupt; repeats of them are ignored while the run cleans up."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    numbers = [getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)]
+
+    def stop(signum: int, _frame: object) -> None:
+        for number in numbers:
+            signal.signal(number, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    previous = {number: signal.signal(number, stop) for number in numbers}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 class TerminalProgress:
@@ -108,7 +142,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                             help="class-id raster from any model to refine instead of the bundled coarse "
                                  "segmenter (resampled nearest to INPUT's grid when its grid differs)")
     parser.add_argument("--model", metavar="PATH",
-                        help="model file (.safetensors) or bundled model name (dubai5, roads2); default dubai5")
+                        help="model file (.safetensors) or bundled model name (dubai5, roads2, buildings2); default dubai5")
     if refine:
         parser.add_argument("--steps", type=int, metavar="N",
                             help="diffusion sampling steps (default: the model card's)")
@@ -174,7 +208,8 @@ def _run_command(args: argparse.Namespace) -> int:
         confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0))
     bar = None if args.quiet or not sys.stderr.isatty() else TerminalProgress(sys.stderr)
     try:
-        result = run(options, progress=bar)
+        with stop_signals_like_ctrl_c():
+            result = run(options, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -253,15 +288,20 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled:
         print("idgbr: cancelled; no output was written.", file=sys.stderr)
         return EXIT_CANCELLED
-    except KeyboardInterrupt:
-        print("\nidgbr: interrupted; no output was written.", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Stopped):
+            print(f"\nidgbr: stopped by {signal.Signals(exc.signum).name}; no output was written.", file=sys.stderr)
+            status = 128 + exc.signum  # the shell's convention for a process ended by a signal
+        else:
+            print("\nidgbr: interrupted; no output was written.", file=sys.stderr)
+            status = EXIT_CANCELLED
         if argv is None:
             # Run as the command: the temporary output is already removed, and tearing down torch at
             # interpreter exit takes over a second, so leave now to stop within the promised 2 s.
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(EXIT_CANCELLED)
-        return EXIT_CANCELLED
+            os._exit(status)
+        return status
     except IdgbrError as exc:
         print(f"idgbr: error: {exc}", file=sys.stderr)
         return EXIT_ERROR

@@ -41,11 +41,17 @@ def class_boundaries(ids: np.ndarray, cls: int) -> np.ndarray:
     return region & ~eroded
 
 
+def _disk(radius: int) -> np.ndarray:
+    offsets = np.arange(-radius, radius + 1)
+    return offsets[:, None] ** 2 + offsets[None, :] ** 2 <= radius**2
+
+
 def _within(boundary: np.ndarray, distance: int) -> np.ndarray:
-    """Pixels within ``distance`` (Euclidean) of any boundary pixel."""
+    """Pixels within ``distance`` (Euclidean) of any boundary pixel: a dilation by the disk of that radius
+    (the same set as thresholding a distance transform, at a fraction of the cost)."""
     if not boundary.any():
         return np.zeros_like(boundary)
-    return ndimage.distance_transform_edt(~boundary) <= distance
+    return ndimage.binary_dilation(boundary, structure=_disk(distance))
 
 
 def _inner_band(ids: np.ndarray, cls: int, width: int) -> np.ndarray:
@@ -94,6 +100,15 @@ class Scores:
             wrong = coarse != truth
             self.repair[0] += confusion(pred, truth, self.num_classes, wrong)
             self.repair[1] += confusion(pred, truth, self.num_classes, ~wrong)
+
+    def absorb(self, other: Scores) -> Scores:
+        """Add another accumulator's counts (images scored once, combined into several subsets)."""
+        self.matrix += other.matrix
+        self.bf += other.bf
+        self.biou += other.biou
+        self.repair += other.repair
+        self.has_coarse |= other.has_coarse
+        return self
 
     def result(self, k_imp: float = 1.0) -> dict:
         iou = iou_from_confusion(self.matrix)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, split_state
+from .checkpoint import load_checkpoint, split_state, validate_card
 from .data import normalize
 from .errors import IdgbrError
 from .models.coarse import CoarseConfig, CoarseNet
@@ -158,7 +158,8 @@ def build_coarse(spec: dict) -> torch.nn.Module:
 
 def build_bundle(tensors: dict[str, torch.Tensor], card: dict, device: torch.device,
                  source: Path | None = None) -> ModelBundle:
-    arch = card.get("architecture", {})
+    validate_card(card, source)  # also a card built or changed in memory
+    arch = card["architecture"]
     coarse = refiner = None
     try:
         if "coarse" in arch:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-from .errors import IdgbrError
+from .errors import Cancelled, IdgbrError
 from .model_bundle import load_bundle
 from .raster.bands import make_scaler, select_bands
 from .raster.engine import Engine, EngineConfig
@@ -28,6 +29,7 @@ from .raster.io import (
     gdal_env,
     has_masks,
     open_raster,
+    remove_stale_temps,
     same_file,
 )
 
@@ -37,6 +39,11 @@ MODES = ("refine", "segment")
 MAX_TILE = 4096
 MAX_RULE_PX = 1024  # largest band / vocabulary radius
 BLOCK_WIDTH = 8192  # column block width: bounds buffer memory for very wide rasters
+# Test hook: with this variable set to a file path, a run creates that file once its temporary outputs exist
+# and then waits there until it is cancelled or interrupted (at most HOLD_LIMIT_S), so tests can stop a run
+# at a known point instead of guessing how long it takes.
+HOLD_ENV = "IDGBR_TEST_HOLD"
+HOLD_LIMIT_S = 600.0
 
 
 @dataclass
@@ -173,6 +180,29 @@ def _notes_for_crs(src, card: dict) -> list[str]:
     return notes
 
 
+def _clean_folders(paths: list[Path]) -> list[str]:
+    """Remove what interrupted runs left beside our outputs (raster.io.remove_stale_temps); notes saying so."""
+    notes = []
+    for folder in dict.fromkeys(p.parent if str(p.parent) else Path(".") for p in paths):
+        removed = remove_stale_temps(folder)
+        if removed:
+            notes.append(f"Removed {len(removed)} temporary file{'s' if len(removed) != 1 else ''} that an "
+                         f"interrupted run left in {folder}.")
+    return notes
+
+
+def _hold_for_tests(cancel: threading.Event | None) -> None:
+    marker = os.environ.get(HOLD_ENV)
+    if not marker:
+        return
+    Path(marker).touch()
+    deadline = time.monotonic() + HOLD_LIMIT_S
+    while time.monotonic() < deadline:
+        if cancel is not None and cancel.is_set():
+            raise Cancelled("Cancelled; no output was written.")
+        time.sleep(0.02)
+
+
 def run(options: RunOptions, progress: Callable[[float, str], None] | None = None,
         cancel: threading.Event | None = None) -> RunResult:
     """Run one job. Raises IdgbrError (message names the problem and the fix) or Cancelled; on any
@@ -187,6 +217,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         if confidence_path is not None:
             check_output(confidence_path, [("INPUT", input_path), ("the coarse map", coarse_path)],
                          what="the confidence output (--confidence)")
+        notes = _clean_folders([p for p in (output, confidence_path) if p is not None])
         bundle = load_bundle(options.model, options.device)
         card = bundle.card
         if options.mode == "segment" and bundle.coarse is None:
@@ -197,8 +228,10 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         if options.mode == "refine" and coarse_path is None and bundle.coarse is None:
             raise IdgbrError("This model has no coarse segmenter: give a coarse class map with --coarse.")
         bands = select_bands(src.count, card, options.bands)
-        window = extent_window(src, options.extent, options.extent_crs)
-        notes = _notes_for_crs(src, card)
+        window, extent_note = extent_window(src, options.extent, options.extent_crs)
+        notes += _notes_for_crs(src, card)
+        if extent_note:
+            notes.append(extent_note)
         scaler = make_scaler(src, bands)
         if scaler.note:
             notes.append(scaler.note)
@@ -225,6 +258,10 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                     notes.append(f"The coarse map {coarse_path.name} is on another grid: resampled (nearest) to "
                                  "INPUT's grid.")
                     log.info(notes[-1])
+                coverage_note = coarse.coverage(window)
+                if coverage_note:
+                    notes.append(coverage_note)
+                    log.info(coverage_note)
                 coarse.validate(window)
             tags = {"IDGBR_MODEL": str(card.get("name", "")), "IDGBR_MODE": options.mode,
                     "IDGBR_STEPS": str(steps if options.mode == "refine" else 0), "IDGBR_SEED": str(options.seed),
@@ -239,9 +276,10 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                     confidence_writer = outputs.enter_context(ConfidenceWriter(confidence_path, src, window, tags))
                 engine = Engine(bundle, src, window, bands, scaler, has_masks(src, bands), coarse, config,
                                 writer, progress, cancel, confidence_writer=confidence_writer)
+                _hold_for_tests(cancel)
                 stats = engine.run()
-                # Both or neither: the confidence first, so a failing class output takes it away again.
-                commit_all([w for w in (confidence_writer, writer) if w is not None])
+                # Both or neither: all verified, then swapped in together (or the old files stay).
+                commit_all([w for w in (writer, confidence_writer) if w is not None])
         finally:
             if coarse is not None:
                 coarse.close()

@@ -49,10 +49,6 @@ class Dataset:
     scenes: list[Scene]
     selection: list[int]  # indices used to choose the defaults
 
-    @property
-    def rest(self) -> list[int]:
-        return [i for i in range(len(self.scenes)) if i not in self.selection]
-
 
 def binary_task(card: dict) -> str | None:
     """"roads" or "buildings" for a binary model (from its foreground class name), None for multiclass."""
@@ -134,6 +130,21 @@ def score_maps(preds: list[np.ndarray], scenes: list[Scene], k: int, names: list
     return scores.result()
 
 
+def score_whole_and_rest(preds: list[np.ndarray], dataset: Dataset, k: int, names: list[str],
+                         coarse: list[np.ndarray]) -> tuple[dict, dict]:
+    """Metrics over every image and over those outside the selection; each image is scored once."""
+    per_image = []
+    for pred, scene, base in zip(preds, dataset.scenes, coarse):
+        per_image.append(Scores(k, names))
+        per_image[-1].add(pred, scene.labels, base)
+    whole, rest = Scores(k, names), Scores(k, names)
+    for i, scores in enumerate(per_image):
+        whole.absorb(scores)
+        if i not in dataset.selection:
+            rest.absorb(scores)
+    return whole.result(), rest.result()
+
+
 def selection_score(result: dict, base: dict) -> float:
     """Boundary gains; an mIoU loss beyond the bar counts ten times (semantics must not suffer)."""
     d_miou = result["miou"] - base["miou"]
@@ -193,7 +204,7 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
 def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defaults: dict) -> tuple[dict, dict]:
     """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest)."""
     k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
-    scenes, everything = dataset.scenes, list(range(len(dataset.scenes)))
+    scenes = dataset.scenes
     band, conf = defaults["band"], defaults["min_confidence"]
     whole, rest = {}, {}
     for source, coarse in sources.items():
@@ -206,8 +217,9 @@ def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defau
                                                                        else " (one-shot)")
             maps[label] = [decide(refine_logits(bundle, s.image, c, steps, band), c, band, conf)
                            for s, c in zip(scenes, coarse)]
-        whole[source] = {row: score_maps(m, scenes, k, names, coarse, everything) for row, m in maps.items()}
-        rest[source] = {row: score_maps(m, scenes, k, names, coarse, dataset.rest) for row, m in maps.items()}
+        whole[source], rest[source] = {}, {}
+        for row, m in maps.items():
+            whole[source][row], rest[source][row] = score_whole_and_rest(m, dataset, k, names, coarse)
     return whole, rest
 
 

@@ -183,3 +183,87 @@ def test_output_equal_to_input(crop_raster, tmp_path, capsys):
     err = fails(["refine", str(src), "-o", str(src)], capsys)
     assert "same file as INPUT" in err
     assert src.read_bytes() == before
+
+
+def _truncated(source: Path, path: Path, size: int) -> Path:
+    path.write_bytes(source.read_bytes()[:size])  # as `head -c SIZE source > path`
+    return path
+
+
+def test_truncated_input(sample_raster, tmp_path, capsys):
+    broken = _truncated(sample_raster, tmp_path / "t.tif", 300_000)
+    out = tmp_path / "out" / "o.tif"
+    out.parent.mkdir()
+    err = fails(["segment", str(broken), "-o", str(out)], capsys)
+    assert f"INPUT is damaged or truncated: {broken} cannot be read" in err and "Copy or download it again" in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_truncated_coarse_map(sample_raster, raster_writer, tmp_path, capsys):
+    with rasterio.open(sample_raster) as s:
+        crs, transform, shape = s.crs, s.transform, s.shape
+    ids = np.random.default_rng(0).integers(0, 5, shape, dtype=np.uint8)  # noisy: compresses badly, so is large
+    whole = raster_writer("coarse.tif", ids, crs=crs, transform=transform, tiled=True, blockxsize=256,
+                          blockysize=256, compress="deflate")
+    broken = _truncated(whole, tmp_path / "coarse_cut.tif", whole.stat().st_size // 3)
+    out = tmp_path / "out" / "o.tif"
+    out.parent.mkdir()
+    err = fails(["refine", str(sample_raster), "--coarse", str(broken), "-o", str(out)], capsys)
+    assert f"The coarse map is damaged or truncated: {broken} cannot be read" in err
+    assert list(out.parent.iterdir()) == []
+
+
+def test_coarse_map_elsewhere_is_refused_naming_both_extents(crop_raster, raster_writer, tmp_path, capsys):
+    src = crop_raster(64, 64)
+    with rasterio.open(src) as s:
+        b, crs = s.bounds, s.crs
+    # A valid class map of the same size, 5 km east.
+    far = raster_writer("far.tif", np.zeros((64, 64), np.uint8), crs=crs,
+                        transform=from_origin(b.left + 5000, b.top, 0.5, 0.5))
+    with rasterio.open(far) as f:
+        fb = f.bounds
+    out = tmp_path / "o.tif"
+    err = fails(["refine", str(src), "--coarse", str(far), "-o", str(out)], capsys)
+    assert "does not overlap INPUT" in err
+    # Both extents, in plain notation (not 2.79e+06).
+    assert f"{fb.left:.0f},{fb.bottom:.0f},{fb.right:.0f},{fb.top:.0f} (EPSG:32640)" in err
+    assert f"{b.left:.0f},{b.bottom:.0f},{b.right:.0f},{b.top:.0f} (EPSG:32640)" in err
+    assert "e+" not in err
+    assert not out.exists()
+
+
+def test_extent_partly_outside_is_clipped_with_a_note(crop_raster, tmp_path, capsys):
+    src = crop_raster(32, 32)
+    with rasterio.open(src) as s:
+        b = s.bounds
+    out = tmp_path / "o.tif"
+    extent = f"{b.left + 4},{b.bottom - 100},{b.right + 100},{b.top - 4}"
+    assert main(["segment", str(src), "-o", str(out), "--extent", extent]) == 0
+    err = capsys.readouterr().err
+    assert "reaches beyond INPUT: only its part inside the raster is processed" in err
+    assert f"{b.left + 4:.0f},{b.bottom:.0f},{b.right:.0f},{b.top - 4:.0f} (EPSG:32640)" in err
+    assert "e+" not in err
+    with rasterio.open(out) as dst:
+        assert dst.shape == (24, 24)
+
+
+def test_coordinates_in_messages_are_plain(crop_raster, tmp_path, capsys):
+    src = crop_raster(32, 32)
+    err = fails(["segment", str(src), "-o", str(tmp_path / "o.tif"), "--extent", "2780000,2780000,2780100,2780100"],
+                capsys)
+    assert "The extent 2780000,2780000,2780100,2780100 does not overlap INPUT" in err and "e+" not in err
+
+
+def test_coarse_map_over_part_of_input_is_noted(crop_raster, raster_writer, tmp_path, capsys):
+    src = crop_raster(64, 64)
+    with rasterio.open(src) as s:
+        b, crs = s.bounds, s.crs
+    # Class 1 on the left half of INPUT's area only, on a coarser grid (1 m pixels).
+    half = raster_writer("half.tif", np.ones((32, 16), np.uint8), crs=crs, transform=from_origin(b.left, b.top, 1, 1))
+    out = tmp_path / "o.tif"
+    assert main(["refine", str(src), "--coarse", str(half), "-o", str(out), "--steps", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "The coarse map half.tif covers only part of INPUT" in err and "outside it the output is nodata" in err
+    with rasterio.open(out) as dst:
+        ids = dst.read(1)
+    assert (ids[:, :32] != 255).all() and (ids[:, 32:] == 255).all()

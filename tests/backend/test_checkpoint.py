@@ -27,7 +27,7 @@ def test_round_trip_keeps_weights_and_card(tmp_path):
 
 def test_bundled_models_have_complete_cards():
     models = bundled_models()
-    assert {"dubai5", "roads2"} <= set(models)
+    assert {"dubai5", "roads2", "buildings2"} <= set(models)
     for name, expected in (("dubai5", 5), ("roads2", 2)):
         card = read_card(models[name])
         assert card["num_classes"] == expected == len(card["classes"])
@@ -85,3 +85,75 @@ def test_rules_in_words():
 
     assert rules_text(8, -1, 0.5) == "band 8 px, vocabulary off, min confidence 0.5"
     assert rules_text(None, 0, 0.0) == "band off, vocabulary 0 px, min confidence off"
+
+
+def _card() -> dict:
+    return json.loads(json.dumps(read_card(default_model_path())))
+
+
+def _write_card(path, card) -> None:
+    """A model file with the bundled weights and CARD (any JSON) as its card, written as-is."""
+    tensors, _ = load_checkpoint(default_model_path())
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"idgbr_card": json.dumps(card)})
+
+
+def _edit(change):
+    def edit(card: dict) -> dict:
+        change(card)
+        return card
+    return edit
+
+
+@pytest.mark.parametrize(("edit", "field"), [
+    (lambda card: [card], "is a JSON list, not an object"),
+    (_edit(lambda c: c.update(num_classes=0)), "num_classes is 0"),
+    (_edit(lambda c: c.update(num_classes=300)), "num_classes is 300"),
+    (_edit(lambda c: c.update(num_classes=7)), "classes lists 5 classes but num_classes is 7"),
+    (_edit(lambda c: c.update(classes=c["classes"][:3])), "classes lists 3 classes but num_classes is 5"),
+    (_edit(lambda c: c.update(num_classes=7, classes=c["classes"] + [
+        {"id": 5, "name": "snow", "color": "#FFFFFF"}, {"id": 6, "name": "ice", "color": "#EEEEEE"}])),
+     "architecture.coarse.num_classes is 5 but num_classes is 7"),
+    (_edit(lambda c: c["classes"][2].update(color="blue")), "classes[2].color is 'blue'"),
+    (_edit(lambda c: c["classes"][1].update(id=3)), "classes has the ids [0, 2, 3, 3, 4]"),
+    (_edit(lambda c: c["normalization"].update(std=[79.3, 0, 80.8])), "normalization.std"),
+    (_edit(lambda c: c.pop("normalization")), "normalization is missing"),
+    (_edit(lambda c: c.pop("classes")), "classes is missing"),
+    (_edit(lambda c: c["sampler"].update(steps=0)), "sampler.steps is 0"),
+    (_edit(lambda c: c["sampler"].update(min_confidence=2)), "sampler.min_confidence is 2"),
+    (_edit(lambda c: c.update(architecture={})), "architecture has neither a coarse segmenter nor a refiner"),
+])
+def test_invalid_cards_are_refused_naming_the_file_and_the_field(tmp_path, edit, field):
+    path = tmp_path / "edited.safetensors"
+    _write_card(path, edit(_card()))
+    for load in (read_card, load_checkpoint, load_bundle):
+        with pytest.raises(IdgbrError) as error:
+            load(path)
+        message = str(error.value)
+        assert str(path) in message and field in message, message
+        assert "Traceback" not in message
+
+
+def test_a_refiner_of_another_kind_is_refused_by_name(tmp_path):
+    path = tmp_path / "old.safetensors"
+    card = _card()
+    card["architecture"]["refiner"]["kind"] = "idgbr-refiner/1"
+    _write_card(path, card)
+    with pytest.raises(IdgbrError, match="refiner of kind 'idgbr-refiner/1'; this backend runs 'idgbr-refiner/2'"):
+        load_bundle(path)
+
+
+def test_a_card_edited_in_memory_is_checked_when_the_bundle_is_built():
+    tensors, card = load_checkpoint(default_model_path())
+    card = json.loads(json.dumps(card))
+    card["normalization"]["std"][0] = 0
+    with pytest.raises(IdgbrError, match="normalization.std"):
+        build_bundle(tensors, card, torch.device("cpu"))
+
+
+def test_cards_from_training_without_the_newer_sampler_keys_are_accepted(tmp_path):
+    """Cards that `idgbr train` writes before validation chose the rules (no band, vocabulary, min confidence)."""
+    path = tmp_path / "fresh.safetensors"
+    card = _card()
+    card["sampler"] = {"steps": 2, "strength": 1.0, "guard_band": 0, "seed": 0}
+    _write_card(path, card)
+    assert read_card(path)["sampler"]["steps"] == 2

@@ -148,3 +148,36 @@ def test_dead_service_is_replaced_on_next_use(monkeypatch):
     assert manager.client() is second
     manager.shutdown()
     assert second.stopped and not first.stopped
+
+
+def test_the_service_is_started_with_this_qgis_as_its_parent(monkeypatch):
+    """So the service stops by itself when this QGIS dies (`idgbr serve --parent-pid`)."""
+    import os
+
+    calls = []
+
+    def start(cls, *args, **kwargs):
+        calls.append(kwargs)
+        return FakeClient()
+
+    monkeypatch.setattr(backend_client.BackendClient, "start_or_connect", classmethod(start))
+    manager = BackendManager(locate=lambda: (REPO_ROOT / "python", "test"))
+    manager.client()
+    assert calls and calls[0]["parent_pid"] == os.getpid()
+    manager.shutdown()
+
+
+def test_the_client_passes_the_parent_pid_to_the_service(monkeypatch, tmp_path):
+    commands = []
+
+    class Started(Exception):
+        pass
+
+    def popen(command, **kwargs):
+        commands.append(command)
+        raise Started
+
+    monkeypatch.setattr(backend_client.subprocess, "Popen", popen)
+    with pytest.raises(Started):
+        backend_client.BackendClient._spawn(sys.executable, tmp_path, 1.0, 0, None, 60.0, parent_pid=4321)
+    assert commands[0][-2:] == ["--parent-pid", "4321"]

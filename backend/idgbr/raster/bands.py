@@ -11,6 +11,7 @@ from rasterio.enums import Resampling
 from rasterio.windows import Window
 
 from ..errors import IdgbrError
+from .io import GDAL_ERRORS, damaged
 
 log = logging.getLogger("idgbr")
 
@@ -83,8 +84,11 @@ def make_scaler(src: rasterio.io.DatasetReader, bands: list[int], input_name: st
     # run; a decimated read (GDAL uses overviews when present) keeps this cheap and bounded in memory.
     scale = max(1.0, max(src.height, src.width) / STATS_MAX_SIDE)
     out_h, out_w = max(1, int(round(src.height / scale))), max(1, int(round(src.width / scale)))
-    sample = src.read(bands, out_shape=(len(bands), out_h, out_w), resampling=Resampling.nearest, masked=True,
-                      window=Window(0, 0, src.width, src.height))
+    try:
+        sample = src.read(bands, out_shape=(len(bands), out_h, out_w), resampling=Resampling.nearest, masked=True,
+                          window=Window(0, 0, src.width, src.height))
+    except GDAL_ERRORS as exc:
+        raise damaged(input_name, src.name, exc) from exc
     low = np.zeros(len(bands), dtype=np.float32)
     high = np.ones(len(bands), dtype=np.float32)
     for i in range(len(bands)):

@@ -26,6 +26,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 import idgbr
 from idgbr.errors import IdgbrError
+from idgbr.procs import ParentWatch, pid_alive
 from idgbr.service.auth import bearer_matches, load_or_create_token, write_token_file
 from idgbr.service.jobs import JobNotFound, JobQueue, JobState, QueueFull, Runner
 from idgbr.service.models import BundleCache, ModelCatalog, device_info
@@ -38,6 +39,9 @@ RASTER_SUFFIXES = (".tif", ".tiff")
 EXIT_BAD_ARGS = 2
 EXIT_MISSING_DEPENDENCY = 3
 EXIT_PORT_TAKEN = 4
+STOP_TIMEOUT_S = 10.0  # how long a stopping service waits for its running job to clean up
+ORPHAN_STOP_TIMEOUT_S = 2.0  # ... when its parent process died (it must be gone within 5 s)
+PARENT_CHECK_TICKS = 5  # uvicorn ticks every 0.1 s: look at the parent process every 0.5 s
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,14 +206,19 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
     jobs = JobQueue(runner or _pipeline_runner(cache))
 
     @asynccontextmanager
-    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         jobs.start()
         try:
             yield
         finally:
             # Cancelled jobs remove their temporary files; give the running one time to do so.
-            if not jobs.stop(timeout=10.0):
-                print("idgbr serve: the running job did not stop within 10 s; exiting anyway", file=sys.stderr)
+            timeout = app.state.stop_timeout
+            if not jobs.stop(timeout=timeout):
+                print(f"idgbr serve: the running job did not stop within {timeout:g} s; removing its temporary "
+                      "files and exiting anyway", file=sys.stderr)
+            raster_io = sys.modules.get("idgbr.raster.io")  # absent: no job ever wrote anything
+            if raster_io is not None:
+                raster_io.remove_live_temps()
 
     app = FastAPI(
         title="IDGBR backend service",
@@ -224,6 +233,7 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
     )
     app.state.jobs = jobs
     app.state.last_activity = time.monotonic()
+    app.state.stop_timeout = STOP_TIMEOUT_S
 
     def touch() -> None:
         app.state.last_activity = time.monotonic()
@@ -352,6 +362,7 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
     coarse = existing_file("coarse", request.coarse) if request.coarse is not None else None
     try:
         model = catalog.resolve(request.model)
+        catalog.check(model)  # a broken model card fails the request, not the job later
     except IdgbrError as exc:
         raise fail(str(exc)) from exc
     except OSError as exc:
@@ -479,13 +490,20 @@ def _check_dependencies() -> None:
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = None,
-          allow_remote: bool = False, idle_timeout: float = 0.0) -> int:
-    """Run the service until /shutdown, a signal, or IDLE_TIMEOUT s (0: never) without requests or jobs.
+          allow_remote: bool = False, idle_timeout: float = 0.0, parent_pid: Optional[int] = None) -> int:
+    """Run the service until /shutdown, a signal, IDLE_TIMEOUT s (0: never) without requests or jobs, or the
+    end of process PARENT_PID (then within 5 s, its job cancelled and temporary files removed).
 
     Prints the ready line once it listens. Returns 0.
     """
     if idle_timeout < 0 or idle_timeout != idle_timeout:
         raise ServeError(f"--idle-timeout {idle_timeout} must be 0 (never) or a number of seconds", EXIT_BAD_ARGS)
+    parent = None
+    if parent_pid is not None:
+        if not pid_alive(parent_pid):
+            raise ServeError(f"--parent-pid {parent_pid}: no such process is running; give the id of the process "
+                             "whose end should stop the service", EXIT_BAD_ARGS)
+        parent = ParentWatch(parent_pid)
     import uvicorn
 
     if not _is_loopback(host) and not allow_remote:
@@ -523,6 +541,12 @@ def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = N
 
         async def on_tick(self, counter: int) -> bool:
             # Called every 0.1 s. A service nobody uses (its QGIS crashed) should not hold memory forever.
+            if parent is not None and counter % PARENT_CHECK_TICKS == 0 and not self.should_exit and parent.gone():
+                print(f"idgbr serve: the parent process {parent.pid} has ended; cancelling the jobs and stopping",
+                      file=sys.stderr, flush=True)
+                app.state.stop_timeout = ORPHAN_STOP_TIMEOUT_S
+                holder["orphaned"] = True
+                self.should_exit = True
             if idle_timeout and counter % 10 == 0 and not self.should_exit:
                 counts = app.state.jobs.counts()
                 idle = time.monotonic() - app.state.last_activity
@@ -540,6 +564,12 @@ def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = N
         server.run(sockets=[sock])
     finally:
         sock.close()
+    if holder.get("orphaned"):
+        # Jobs and temporary files are dealt with; tearing down torch at interpreter exit can take over a
+        # second, which the 5 s promise cannot spare.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     return 0
 
 
@@ -556,7 +586,7 @@ def _announce_ready(port: int) -> None:
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     try:
-        return serve(args.host, args.port, args.token_file, args.allow_remote, args.idle_timeout)
+        return serve(args.host, args.port, args.token_file, args.allow_remote, args.idle_timeout, args.parent_pid)
     except ServeError as exc:
         print(f"IDGBR ERROR: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
@@ -582,6 +612,9 @@ def register_cli(subparsers: Any) -> None:
                         help="allow a non-loopback --host (anyone who can reach it and has the token can use it)")
     parser.add_argument("--idle-timeout", type=float, default=0.0, metavar="SECONDS",
                         help="stop after this many seconds without requests or jobs (default 0: never)")
+    parser.add_argument("--parent-pid", type=int, default=None, metavar="PID",
+                        help="stop within 5 s after process PID ends, cancelling the running job and removing its "
+                             "temporary files (the QGIS plugin passes its own process id)")
     parser.set_defaults(func=_cmd_serve)
 
 

@@ -42,6 +42,15 @@ class ModelCatalog:
             self._cards[path] = (key, card)
         return card
 
+    def check(self, path: Optional[Path]) -> None:
+        """IdgbrError when the card of model file PATH (None: the default model) is unusable; a missing file is
+        left to the job, whose error says what to do."""
+        from idgbr.model_bundle import default_model_path
+
+        target = path if path is not None else default_model_path()
+        if target.is_file():
+            self.card(target)
+
     def listing(self) -> List[Dict[str, Any]]:
         """One entry per bundled model: name, path, and its card or the error that kept it from loading."""
         entries = []
