@@ -15,11 +15,20 @@ import copy
 from pathlib import Path
 
 from idgbr.checkpoint import load_checkpoint, save_checkpoint
+from idgbr.refiner_training import EMA_DECAY, STATE_SUFFIX
 
 
-def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None) -> dict:
+def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, last: bool = False) -> dict:
     tensors, card = load_checkpoint(refiner_path)
     card = copy.deepcopy(card)
+    if last:
+        # The last iteration's weights instead of their moving average (from the resumable training state).
+        import torch
+
+        state = torch.load(Path(str(refiner_path) + STATE_SUFFIX), map_location="cpu", weights_only=False)
+        tensors.update({f"refiner.{k}": v for k, v in state["model"].items()})
+        card["training"]["refiner"]["weights"] = "last iteration"
+    card["training"]["refiner"].setdefault("weights", f"moving average (decay {EMA_DECAY})")
     if coarse_path is not None:
         coarse_tensors, coarse_card = load_checkpoint(coarse_path)
         if coarse_card["num_classes"] != card["num_classes"]:
@@ -44,9 +53,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("refiner", type=Path, help="a model file written by 'idgbr train refiner'")
     parser.add_argument("--coarse", type=Path, help="take the coarse segmenter (and card) from this model file")
+    parser.add_argument("--last", action="store_true",
+                        help="ship the last iteration's weights (from REFINER.state.pt), not their moving average")
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
-    card = assemble(args.refiner, args.output, args.coarse)
+    card = assemble(args.refiner, args.output, args.coarse, args.last)
     print(f"wrote {args.output} ({card['name']}: {', '.join(c['name'] for c in card['classes'])})")
     return 0
 

@@ -16,6 +16,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import IdgbrError
+from .resolution import metres, pixel_size_range, range_problem, working_pixel_size
 
 FORMAT = "idgbr-bundle/1"
 CARD_KEY = "idgbr_card"
@@ -141,6 +142,9 @@ def validate_card(card: Any, path: Path | str | None = None) -> dict:
     pixel = card.get("pixel_size_m")
     if pixel is not None and (not _is_number(pixel) or pixel <= 0):
         raise bad("pixel_size_m", f"is {pixel!r}; it must be a positive number (or null)")
+    problem = range_problem(card)
+    if problem:
+        raise bad("pixel_size_range_m", problem)
     if card.get("task", "multiclass") not in ("multiclass", "binary"):
         raise bad("task", f"is {card['task']!r}; it must be 'multiclass' or 'binary'")
     _validate_sampler(card.get("sampler", {}), bad, whole)
@@ -220,6 +224,14 @@ def rules_text(band: int | None, vocabulary: int | None, min_confidence: float |
     return f"band {px(band)}, vocabulary {px(vocabulary)}, min confidence {gate}"
 
 
+def _resolution_text(card: dict) -> str:
+    """'working 0.5 m per pixel, valid from 0.25 to 1 m (default range: working / 2 to * 2)'."""
+    low, high = pixel_size_range(card)
+    default = "" if card.get("pixel_size_range_m") else " (default range: working / 2 to * 2)"
+    return (f"working {metres(working_pixel_size(card))} m per pixel, valid from {metres(low)} to {metres(high)} m"
+            f"{default}")
+
+
 def describe(card: dict) -> str:
     """Human-readable summary of a model card (what 'idgbr info' prints before the JSON)."""
     classes = ", ".join(f"{c['id']}={c['name']}" for c in card.get("classes", []))
@@ -228,8 +240,8 @@ def describe(card: dict) -> str:
         f"model        {card.get('name')} ({card.get('task')}, {card.get('num_classes')} classes)",
         f"classes      {classes}",
         f"bands        {card.get('bands')} from input bands {card.get('bands_default')}",
-        f"tile         {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
-        f"nominal pixel {card.get('pixel_size_m')} m",
+        f"tile         {card.get('tile_size')} px, overlap {card.get('overlap')} px",
+        f"resolution   {_resolution_text(card)}",
         f"sampler      {sampler.get('steps')} DDIM steps, strength {sampler.get('strength')}, "
         f"seed {sampler.get('seed')}",
         f"rules        {rules_text(sampler.get('band'), sampler.get('vocabulary'), sampler.get('min_confidence'))} "

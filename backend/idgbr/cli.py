@@ -24,7 +24,7 @@ log = logging.getLogger("idgbr")
 # Modules that add their own subcommands (ARCHITECTURE.md, "Command line").
 SUBCOMMAND_MODULES = ("idgbr.train", "idgbr.evaluate", "idgbr.checkpoint", "idgbr.service.app", "idgbr.bench")
 
-VALUE_OPTIONS = ("--extent",)  # options whose value may start with a minus sign
+VALUE_OPTIONS = ("--extent", "--pixel-size")  # options whose value may start with a minus sign
 EXIT_ERROR = 1
 EXIT_CANCELLED = 130  # the shell's convention for Ctrl-C
 STOP_SIGNALS = ("SIGTERM", "SIGHUP")  # handled like Ctrl-C during a run (Windows has no SIGHUP)
@@ -132,6 +132,16 @@ def parse_probability(text: str | None, flag: str) -> float | None:
     return value
 
 
+def parse_pixel_size(text: str | None) -> float | None:
+    """A --pixel-size value in metres (checked for sign and size by the pipeline)."""
+    if text is None:
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise IdgbrError(f"--pixel-size must be a number of metres such as 0.05 (got {text!r}).") from None
+
+
 def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
     parser.add_argument("input", type=Path, metavar="INPUT", help="input raster (GeoTIFF or any GDAL raster)")
     parser.add_argument("-o", "--output", type=Path, required=True, metavar="OUTPUT",
@@ -142,7 +152,8 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                             help="class-id raster from any model to refine instead of the bundled coarse "
                                  "segmenter (resampled nearest to INPUT's grid when its grid differs)")
     parser.add_argument("--model", metavar="PATH",
-                        help="model file (.safetensors) or bundled model name (dubai5, roads2, buildings2); default dubai5")
+                        help="model file (.safetensors) or bundled model name (dubai5, roads2, buildings2); "
+                             "default dubai5")
     if refine:
         parser.add_argument("--steps", type=int, metavar="N",
                             help="diffusion sampling steps (default: the model card's)")
@@ -159,6 +170,11 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                              "the model's size multiple (default: the model card's)")
     parser.add_argument("--overlap", type=int, metavar="N",
                         help="overlap between tiles in pixels, blended (default: the model card's)")
+    parser.add_argument("--pixel-size", metavar="METRES",
+                        help="INPUT's pixel size in metres, overriding its georeference (rasters without a CRS, "
+                             "wrong metadata). Outside the model's range (see 'idgbr info') the model works on a "
+                             "resampled copy and the result is written on INPUT's grid (default: from the CRS; "
+                             "without a CRS the model's working resolution)")
     if refine:
         sampler = _card_sampler()
         parser.add_argument("--band", metavar="PX|off",
@@ -205,7 +221,8 @@ def _run_command(args: argparse.Namespace) -> int:
         extent=parse_extent(args.extent) if args.extent else None, extent_crs=args.extent_crs, tile=args.tile,
         overlap=args.overlap, band=band, vocabulary=parse_rule(getattr(args, "vocabulary", None), "--vocabulary"),
         min_confidence=parse_probability(getattr(args, "min_confidence", None), "--min-confidence"),
-        confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0))
+        confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0),
+        pixel_size=parse_pixel_size(args.pixel_size))
     bar = None if args.quiet or not sys.stderr.isatty() else TerminalProgress(sys.stderr)
     try:
         with stop_signals_like_ctrl_c():

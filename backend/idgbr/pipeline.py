@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import threading
 import time
@@ -14,14 +13,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from rasterio.windows import Window
+
 from . import __version__
 from .errors import Cancelled, IdgbrError
 from .model_bundle import load_bundle
 from .raster.bands import make_scaler, select_bands
-from .raster.engine import Engine, EngineConfig
+from .raster.engine import Engine, EngineConfig, EngineStats
 from .raster.io import (
+    CONFIDENCE_NODATA,
+    NODATA,
     CoarseSource,
     ConfidenceWriter,
+    GeoTiffWriter,
     OutputWriter,
     check_output,
     commit_all,
@@ -32,6 +36,8 @@ from .raster.io import (
     remove_stale_temps,
     same_file,
 )
+from .raster.resample import GridCoarse, UpsampledWriter, VirtualGrid
+from .resolution import check_pixel_size_option, detect_pixel_size, metres, plan_resolution, same_size
 
 log = logging.getLogger("idgbr")
 
@@ -65,6 +71,7 @@ class RunOptions:
     min_confidence: float | None = None  # refine: keep a change only at this probability (0 off); None card
     confidence: Path | None = None  # refine: also write the float32 confidence GeoTIFF here
     seed: int = 0
+    pixel_size: float | None = None  # INPUT's metres per pixel; None -> from its georeference (idgbr.resolution)
 
 
 @dataclass
@@ -91,6 +98,10 @@ class RunResult:
     min_confidence: float | None = None
     changed_pixels: int = 0  # written pixels whose class differs from the coarse map (refine mode)
     confidence: Path | None = None  # the confidence GeoTIFF, when one was written
+    # Metres per pixel of INPUT (and OUTPUT) and of the grids the passes worked on (idgbr.resolution).
+    input_pixel_m: float = 0.0
+    coarse_pixel_m: float = 0.0  # 0.0 with --coarse (no coarse pass)
+    refine_pixel_m: float = 0.0  # 0.0 in segment mode
 
     @property
     def megapixels(self) -> float:
@@ -142,6 +153,7 @@ def _validate(options: RunOptions) -> None:
     _check_int("vocabulary", options.vocabulary, -1, MAX_RULE_PX, "--vocabulary", " (-1 or 'off': rule off)")
     _check_probability("min confidence", options.min_confidence, "--min-confidence", " (0: gate off)")
     _check_int("seed", options.seed, 0, 2**31 - 1, "--seed")
+    check_pixel_size_option(options.pixel_size)
     if options.confidence is not None:
         if options.mode != "refine":
             raise IdgbrError("The confidence output is the refiner's: segment mode has none. Drop --confidence "
@@ -161,23 +173,28 @@ def _sampler_rules(card: dict, options: RunOptions) -> tuple[int, int, float]:
     return band, vocabulary, min_confidence
 
 
-def _notes_for_crs(src, card: dict) -> list[str]:
-    notes = []
+def _notes_for_crs(src) -> list[str]:
     if src.crs is None:
-        notes.append("INPUT has no CRS: the output keeps its pixel grid and has no CRS either.")
-        return notes
-    if src.crs.is_geographic:
-        lat = (src.bounds.top + src.bounds.bottom) / 2
-        metres = abs(src.transform.a) * 111_320 * max(0.01, math.cos(math.radians(lat)))
-        unit = f"{src.crs.to_string()} (geographic, about {metres:.2g} m per pixel)"
+        return ["INPUT has no CRS: the output keeps its pixel grid and has no CRS either."]
+    return []
+
+
+def _resolution(src, window, card: dict, options: RunOptions):
+    """The run's ResolutionPlan (idgbr.resolution) and its notes; raises IdgbrError for unusable sizes."""
+    name = str(card.get("name") or "the model")
+    if options.pixel_size is not None:
+        input_m, notes = float(options.pixel_size), [f"INPUT's pixel size given: {metres(options.pixel_size)} m."]
+        if src.crs is not None:
+            try:
+                detected, _ = detect_pixel_size(src, window, card)
+                notes[0] = notes[0][:-1] + f" (its georeference says {metres(detected)} m)."
+            except IdgbrError:
+                pass
     else:
-        metres = abs(src.transform.a) * (src.crs.linear_units_factor[1] if src.crs.linear_units_factor else 1)
-        unit = f"{src.crs.to_string()} ({metres:.2g} m per pixel)"
-    nominal = card.get("pixel_size_m")
-    if nominal and (metres > 2.5 * nominal or metres < nominal / 2.5):
-        notes.append(f"INPUT is in {unit}; the model was trained at about {nominal:g} m per pixel, so results "
-                     "may be poor. Resample the raster closer to that resolution for best results.")
-    return notes
+        input_m, note = detect_pixel_size(src, window, card)
+        notes = [note] if note else []
+    plan = plan_resolution(input_m, card, name)
+    return plan, notes + plan.notes
 
 
 def _clean_folders(paths: list[Path]) -> list[str]:
@@ -201,6 +218,89 @@ def _hold_for_tests(cancel: threading.Event | None) -> None:
         if cancel is not None and cancel.is_set():
             raise Cancelled("Cancelled; no output was written.")
         time.sleep(0.02)
+
+
+def _grid(src, window: Window, plan, metres_per_pixel: float) -> VirtualGrid | None:
+    """The virtual grid of a pass at ``metres_per_pixel`` (None: INPUT's own grid)."""
+    if same_size(metres_per_pixel, plan.input_m):
+        return None
+    grid = VirtualGrid.at_factor(src, window, metres_per_pixel / plan.input_m)
+    if grid.width == int(window.width) and grid.height == int(window.height):
+        return None  # too small a change to move a single pixel
+    return grid
+
+
+def _staged_progress(progress, start: float, share: float):
+    if progress is None:
+        return None
+    return lambda fraction, message: progress(start + share * fraction, message)
+
+
+def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: CoarseSource | None,
+             config: EngineConfig, plan, writer: GeoTiffWriter, confidence_writer: GeoTiffWriter | None,
+             progress, cancel) -> EngineStats:
+    """The passes of one run at the resolutions of ``plan``, written on INPUT's grid by the writers.
+
+    Each pass runs the tile engine on its own grid: INPUT's, or a ``VirtualGrid`` (INPUT resampled window by
+    window). When the coarse segmenter and the refiner work at different resolutions, the coarse pass first
+    writes its class ids to a temporary GeoTIFF on its grid (removed at the end), which the refine pass reads
+    on its own grid (nearest). Results on a virtual grid reach INPUT's grid through ``UpsampledWriter``."""
+    masked = has_masks(src, bands)
+    refining = config.mode == "refine"
+    final_grid = _grid(src, window, plan, plan.refine_m if refining else plan.coarse_m)
+    staged = False
+    if refining and coarse is None and final_grid is not None:
+        coarse_grid = (_grid(src, window, plan, plan.coarse_m)
+                       or VirtualGrid(src, window, int(window.width), int(window.height)))
+        staged = (coarse_grid.width, coarse_grid.height) != (final_grid.width, final_grid.height)
+    _hold_for_tests(cancel)
+    with contextlib.ExitStack() as stack:
+        source = coarse
+        coarse_tiles = None
+        final_start, final_share = 0.0, 1.0
+        if staged:
+            # The coarse pass alone on its grid, into a temporary class-id map.
+            c_src, c_window = coarse_grid, Window(0, 0, coarse_grid.width, coarse_grid.height)
+            temp = stack.enter_context(GeoTiffWriter(
+                writer.output, c_src, c_window, what="the coarse pass's temporary map", dtype="uint8",
+                nodata=NODATA, description="coarse class id", tags={}))
+            stack.callback(temp.abort)
+            coarse_pixels = float(c_window.width) * float(c_window.height)
+            refine_pixels = float(final_grid.width) * float(final_grid.height)
+            share = coarse_pixels / (coarse_pixels + refine_pixels * max(1, config.steps))
+            coarse_config = EngineConfig(**{**config.__dict__, "mode": "segment"})
+            first = Engine(bundle, c_src, c_window, bands, scaler, masked, None, coarse_config, temp,
+                           _staged_progress(progress, 0.0, share), cancel)
+            coarse_tiles = first.run().coarse_tiles
+            temp.finish()
+            own = CoarseSource(temp.tmp, c_src, int(bundle.card["num_classes"]))
+            stack.callback(own.close)
+            source = GridCoarse(own, coarse_grid, final_grid)
+            final_start, final_share = share, 1.0 - share
+        elif coarse is not None and final_grid is not None:
+            source = GridCoarse(coarse, None, final_grid)  # the user's map on INPUT's grid, read on the refiner's
+        if final_grid is None:
+            f_src, f_window, out, conf_out = src, window, writer, confidence_writer
+        else:
+            f_src, f_window = final_grid, Window(0, 0, final_grid.width, final_grid.height)
+            out = UpsampledWriter(writer, final_grid, NODATA, bands, masked, count_classes=True)
+            conf_out = (UpsampledWriter(confidence_writer, final_grid, CONFIDENCE_NODATA, bands, masked)
+                        if confidence_writer is not None else None)
+        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source, config, out,
+                        _staged_progress(progress, final_start, final_share), cancel, confidence_writer=conf_out)
+        stats = engine.run()
+        for upsampled in (out, conf_out):
+            if isinstance(upsampled, UpsampledWriter):
+                upsampled.flush()
+    if coarse_tiles is not None:
+        stats.coarse_tiles = coarse_tiles
+    if final_grid is not None:
+        hist = out.class_hist
+        stats.class_pixels = {i: int(n) for i, n in enumerate(hist[: int(bundle.card["num_classes"])]) if n}
+        stats.nodata_pixels = int(hist[NODATA])
+        # Counted on the refiner's grid; in INPUT pixels, about that times the pixels per working pixel.
+        stats.changed_pixels = int(round(stats.changed_pixels * final_grid.sx * final_grid.sy))
+    return stats
 
 
 def run(options: RunOptions, progress: Callable[[float, str], None] | None = None,
@@ -229,9 +329,15 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
             raise IdgbrError("This model has no coarse segmenter: give a coarse class map with --coarse.")
         bands = select_bands(src.count, card, options.bands)
         window, extent_note = extent_window(src, options.extent, options.extent_crs)
-        notes += _notes_for_crs(src, card)
+        notes += _notes_for_crs(src)
         if extent_note:
             notes.append(extent_note)
+        plan, resolution_notes = _resolution(src, window, card, options)
+        notes += resolution_notes
+        model_coarse = coarse_path is None
+        coarse_m = plan.coarse_m if model_coarse else 0.0
+        refine_m = plan.refine_m if options.mode == "refine" else 0.0
+        notes.append(plan.summary(options.mode, segmented=model_coarse))
         scaler = make_scaler(src, bands)
         if scaler.note:
             notes.append(scaler.note)
@@ -256,7 +362,8 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                 coarse = CoarseSource(coarse_path, src, int(card["num_classes"]))
                 if coarse.resampled:
                     notes.append(f"The coarse map {coarse_path.name} is on another grid: resampled (nearest) to "
-                                 "INPUT's grid.")
+                                 + (f"the refiner's {metres(plan.refine_m)} m grid over INPUT."
+                                    if plan.refine_resampled else "INPUT's grid."))
                     log.info(notes[-1])
                 coverage_note = coarse.coverage(window)
                 if coverage_note:
@@ -269,15 +376,15 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
             if options.mode == "refine":
                 tags.update(IDGBR_BAND=str(band), IDGBR_VOCABULARY=str(vocabulary),
                             IDGBR_MIN_CONFIDENCE=f"{min_confidence:g}")
+            tags.update(IDGBR_INPUT_PIXEL_M=f"{plan.input_m:g}", IDGBR_COARSE_PIXEL_M=f"{coarse_m:g}",
+                        IDGBR_REFINE_PIXEL_M=f"{refine_m:g}")
             with contextlib.ExitStack() as outputs:
                 writer = outputs.enter_context(OutputWriter(output, src, window, list(card["classes"]), tags))
                 confidence_writer = None
                 if confidence_path is not None:
                     confidence_writer = outputs.enter_context(ConfidenceWriter(confidence_path, src, window, tags))
-                engine = Engine(bundle, src, window, bands, scaler, has_masks(src, bands), coarse, config,
-                                writer, progress, cancel, confidence_writer=confidence_writer)
-                _hold_for_tests(cancel)
-                stats = engine.run()
+                stats = _process(bundle, src, window, bands, scaler, coarse, config, plan, writer, confidence_writer,
+                                 progress, cancel)
                 # Both or neither: all verified, then swapped in together (or the old files stay).
                 commit_all([w for w in (writer, confidence_writer) if w is not None])
         finally:
@@ -289,7 +396,8 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         tiles=stats.tiles if options.mode == "refine" else stats.coarse_tiles, tiles_refined=stats.tiles_refined,
         steps=steps if options.mode == "refine" else 0, classes=list(card["classes"]),
         class_pixels=stats.class_pixels, nodata_pixels=stats.nodata_pixels, notes=notes,
-        coarse_tiles=stats.coarse_tiles, tile_shape=stats.tile_shape)
+        coarse_tiles=stats.coarse_tiles, tile_shape=stats.tile_shape, input_pixel_m=plan.input_m,
+        coarse_pixel_m=coarse_m, refine_pixel_m=refine_m)
     if options.mode == "refine":
         result.band, result.vocabulary, result.min_confidence = band, vocabulary, min_confidence
         result.changed_pixels = stats.changed_pixels

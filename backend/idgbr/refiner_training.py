@@ -21,9 +21,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -129,6 +132,11 @@ def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: t
     if run.pixel_classifier and not binary:
         from .classical import PixelClassifier
 
+        try:
+            import sklearn  # noqa: F401
+        except ImportError as exc:
+            raise IdgbrError("--pixel-classifier needs scikit-learn in the backend: pip install scikit-learn "
+                             "(make install does), or leave the option out.") from exc
         classifier = PixelClassifier(seed=run.seed).fit([s.image for s in scenes], [s.labels for s in scenes])
         for i, scene in enumerate(scenes):
             maps[i].append(classifier.predict(scene.image))
@@ -155,6 +163,21 @@ class EMA:
                 avg.mul_(self.decay).add_(new.detach(), alpha=1 - self.decay)
             else:
                 avg.copy_(new)
+
+
+@contextlib.contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """Ctrl-C or SIGTERM ends the run after the current iteration, with the state saved (resumable)."""
+    stop = threading.Event()
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous[number] = signal.signal(number, lambda *_: stop.set())
+    try:
+        yield stop
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
@@ -229,7 +252,8 @@ def train_refiner(run: RefinerRun) -> dict:
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "batch": run.batch, "crop": run.crop,
             "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision,
-            "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND, "ema_decay": EMA_DECAY,
+            "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND,
+            "weights": f"moving average (decay {EMA_DECAY})",
             "coarse_sources": source_names,
             "synthetic_errors": "blocky 4-32 px, smoothing, warp 2-16 px, shift 2-12 px, erosion/dilation, "
                                 "lost thin structures, spurious blobs (1-3 at once)",
@@ -253,35 +277,39 @@ def train_refiner(run: RefinerRun) -> dict:
         tmp.replace(state_path)
         print(f"saved {run.output} and its training state at iteration {progress['iteration']}", flush=True)
 
-    model.train()
-    session_start = last_save = time.monotonic()
-    tick = time.monotonic()
-    stop = run.iterations if run.session_iterations is None else min(
-        run.iterations, progress["iteration"] + run.session_iterations)
-    while progress["iteration"] < stop:
-        if run.minutes is not None and time.monotonic() - session_start >= run.minutes * 60:
-            break
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(run, progress["iteration"], warm_from)
-        images, labels, coarse = make_batch(run, sampler, generator, k)
-        images = normalize(images, mean, std).to(device)
-        with autocast:
-            loss = model.loss(images, coarse.to(device), labels.to(device), TRAIN_BAND, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        ema.update(model)
-        now = time.monotonic()
-        progress["seconds"] += now - tick
-        tick = now
-        progress["loss"] = 0.98 * progress["loss"] + 0.02 * loss.item() if progress["iteration"] else loss.item()
-        progress["iteration"] += 1
-        if progress["iteration"] % 50 == 0:
-            print(f"refiner it {progress['iteration']} loss {progress['loss']:.4f} "
-                  f"{progress['seconds'] / 3600:.2f} h", flush=True)
-        if now - last_save > run.save_minutes * 60:
-            save()
-            last_save = time.monotonic()
+    with _stop_on_signals() as stop_requested:
+        model.train()
+        session_start = last_save = time.monotonic()
+        tick = time.monotonic()
+        stop = run.iterations if run.session_iterations is None else min(
+            run.iterations, progress["iteration"] + run.session_iterations)
+        while progress["iteration"] < stop:
+            if run.minutes is not None and time.monotonic() - session_start >= run.minutes * 60:
+                break
+            if stop_requested.is_set():
+                print("stopping on request; the run can be resumed with --resume", flush=True)
+                break
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(run, progress["iteration"], warm_from)
+            images, labels, coarse = make_batch(run, sampler, generator, k)
+            images = normalize(images, mean, std).to(device)
+            with autocast:
+                loss = model.loss(images, coarse.to(device), labels.to(device), TRAIN_BAND, generator)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            ema.update(model)
+            now = time.monotonic()
+            progress["seconds"] += now - tick
+            tick = now
+            progress["loss"] = 0.98 * progress["loss"] + 0.02 * loss.item() if progress["iteration"] else loss.item()
+            progress["iteration"] += 1
+            if progress["iteration"] % 50 == 0:
+                print(f"refiner it {progress['iteration']} loss {progress['loss']:.4f} "
+                      f"{progress['seconds'] / 3600:.2f} h", flush=True)
+            if now - last_save > run.save_minutes * 60:
+                save()
+                last_save = time.monotonic()
     save()
     return card

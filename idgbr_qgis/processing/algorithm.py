@@ -59,6 +59,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
     BAND = "BAND"
     VOCABULARY = "VOCABULARY"
     MIN_CONFIDENCE = "MIN_CONFIDENCE"
+    PIXEL_SIZE = "PIXEL_SIZE"
     DEVICE = "DEVICE"
     OUTPUT = "OUTPUT"
     CONFIDENCE = "CONFIDENCE"
@@ -146,6 +147,13 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                       "A pixel takes the refiner's class only where the refiner's probability of it is at least "
                       "this; elsewhere it keeps the coarse class. 0 switches the gate off, 1 keeps the coarse map. "
                       "Empty: the model's default.", advanced=True)
+        self._add(QgsProcessingParameterNumber(self.PIXEL_SIZE, "Input pixel size in metres (0 = from the layer's "
+                                               "CRS)", QgsProcessingParameterNumber.Double, defaultValue=0.0,
+                                               optional=True, minValue=0.0),
+                  "The ground size of one input pixel, for rasters without a CRS or with wrong metadata. Outside "
+                  "the model's range the model works on a resampled copy and the result is written on the input's "
+                  "grid. 0: from the layer's CRS (without a CRS: the model's working resolution). Not used for "
+                  "layers copied to a temporary GeoTIFF (they are copied at the model's pixel size).", advanced=True)
         self._add(QgsProcessingParameterEnum(self.DEVICE, "Device", options=DEVICES, defaultValue=0),
                   "Where the backend runs the model: auto picks the GPU when the backend's PyTorch can use one.",
                   advanced=True)
@@ -228,6 +236,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                 "bands": self.parameterAsInts(parameters, self.BANDS, context) or None,
                 "extent": list(extent) if extent else None,
                 "extent_crs": extent_crs if extent else None,
+                "pixel_size": self._pixel_size(parameters, context, feedback),
             }
             fields = {key: value for key, value in fields.items() if value is not None}
             try:
@@ -367,6 +376,19 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
             return None
         return self.parameterAsDouble(parameters, name, context)
 
+    def _pixel_size(self, parameters: Dict[str, Any], context: QgsProcessingContext,
+                    feedback: QgsProcessingFeedback) -> Optional[float]:
+        """PIXEL_SIZE for the job: None for 0 / empty (the backend reads the raster's CRS) and for copied layers,
+        whose copy has its own, known pixel size."""
+        value = self._optional_double(parameters, self.PIXEL_SIZE, context)
+        if not value:
+            return None
+        if self._input is not None and self._input.needs_copy:
+            feedback.pushWarning("PIXEL_SIZE is not used for this layer: it is copied to a temporary GeoTIFF at the "
+                                 "model's pixel size, whose size is known.")
+            return None
+        return float(value)
+
     def _confidence_output(self, parameters: Dict[str, Any], context: QgsProcessingContext,
                            output: Path) -> Optional[str]:
         """The CONFIDENCE destination, or None when it is not wanted (segment, or left empty)."""
@@ -399,7 +421,8 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
 # The engine words its messages for the `idgbr` command; in QGIS the same options are these parameters.
 _FLAG_NAMES = {"--bands": "BANDS", "--extent": "EXTENT", "--coarse": "COARSE", "--steps": "STEPS",
                "--band": "BAND", "--vocabulary": "VOCABULARY", "--min-confidence": "MIN_CONFIDENCE",
-               "--confidence": "CONFIDENCE", "--model": "MODEL", "--device": "DEVICE"}
+               "--confidence": "CONFIDENCE", "--model": "MODEL", "--device": "DEVICE",
+               "--pixel-size": "PIXEL_SIZE"}
 
 
 def _backend_message(exc: Exception) -> str:

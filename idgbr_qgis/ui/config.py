@@ -23,6 +23,8 @@ KEY_VOCABULARY = "idgbr/vocabulary"
 KEY_MIN_CONFIDENCE = "idgbr/min_confidence"
 KEY_SHOW_CONFIDENCE = "idgbr/show_confidence"
 KEY_OUTPUT_DIR = "idgbr/output_dir"
+KEY_PIXEL_SIZE = "idgbr/pixel_size"  # the input's metres per pixel; 0: from the layer's CRS
+MAX_PIXEL_SIZE = 10.0  # the backend refuses coarser rasters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 DEFAULT_MODEL = "dubai5"
@@ -44,6 +46,11 @@ def rule_field(value: int) -> Optional[int]:
 def confidence_field(value: float) -> Optional[float]:
     """A minimum-confidence setting as the job's field: None for the card's default."""
     return None if value < 0 else round(float(value), 4)
+
+
+def pixel_size_field(value: float) -> Optional[float]:
+    """The pixel-size setting as the job's field: None (detect from the CRS) for 0."""
+    return round(float(value), 6) if value and value > 0 else None
 
 
 def plugin_dir() -> Path:
@@ -106,6 +113,7 @@ class UserSettings:
     min_confidence: float = CONFIDENCE_DEFAULT
     show_confidence: bool = False
     output_dir: str = ""
+    pixel_size: float = 0.0  # metres per input pixel; 0 = from the layer's CRS
 
     @classmethod
     def load(cls, settings: Optional[QgsSettings] = None) -> UserSettings:
@@ -120,6 +128,7 @@ class UserSettings:
             min_confidence=_float(s.value(KEY_MIN_CONFIDENCE, CONFIDENCE_DEFAULT), CONFIDENCE_DEFAULT, 1.0),
             show_confidence=_bool(s.value(KEY_SHOW_CONFIDENCE, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
+            pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE),
         )
 
     def save(self, settings: Optional[QgsSettings] = None) -> None:
@@ -132,6 +141,7 @@ class UserSettings:
         s.setValue(KEY_MIN_CONFIDENCE, float(self.min_confidence))
         s.setValue(KEY_SHOW_CONFIDENCE, bool(self.show_confidence))
         s.setValue(KEY_OUTPUT_DIR, self.output_dir)
+        s.setValue(KEY_PIXEL_SIZE, float(self.pixel_size))
 
     def results_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else default_output_dir()

@@ -454,6 +454,7 @@ class IdgbrDock(QgsDockWidget):
             min_confidence=config.confidence_field(self.minConfidenceSpin.value()),
             confidence=confidence,
             pixel_size_m=float(card.get("pixel_size_m") or 0.5),
+            input_pixel_size=config.pixel_size_field(self.settings.pixel_size),
             transform_context=QgsProject.instance().transformContext(),
         )
 

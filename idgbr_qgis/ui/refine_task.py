@@ -44,7 +44,8 @@ class RunRequest:
     vocabulary: Optional[int] = None  # px; -1 = rule off; None = the model card's
     min_confidence: Optional[float] = None  # 0..1; 0 = gate off; None = the model card's
     confidence: Optional[Path] = None  # where the refiner's confidence goes (None: not wanted)
-    pixel_size_m: float = 0.5
+    pixel_size_m: float = 0.5  # ground pixel of copies of web / virtual layers (the model's)
+    input_pixel_size: Optional[float] = None  # the input's metres per pixel for the backend; None: its CRS
     transform_context: QgsCoordinateTransformContext = field(default_factory=QgsCoordinateTransformContext)
 
 
@@ -127,6 +128,8 @@ class RefineTask(QgsTask):
             "model": request.model,
             "device": request.device,
         }
+        if request.input_pixel_size is not None and not request.source.needs_copy:
+            common["pixel_size"] = request.input_pixel_size  # a copy has its own, known pixel size
         if request.extent is not None:
             common["extent"] = list(request.extent)
             if request.extent_crs:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from qgis.core import QgsApplication, QgsSettings, QgsTask
-from qgis.gui import QgsFileWidget, QgsSpinBox
+from qgis.gui import QgsDoubleSpinBox, QgsFileWidget, QgsSpinBox
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QComboBox,
@@ -95,6 +95,19 @@ class SettingsDialog(QDialog):
         self.stepsSpin.setClearValue(config.MODEL_DEFAULT)
         form.addRow("Steps", self.stepsSpin)
 
+        # Advanced: only for rasters without a CRS or with wrong metadata.
+        self.pixelSizeSpin = QgsDoubleSpinBox(self)
+        self.pixelSizeSpin.setDecimals(3)
+        self.pixelSizeSpin.setSingleStep(0.05)
+        self.pixelSizeSpin.setRange(0.0, config.MAX_PIXEL_SIZE)
+        self.pixelSizeSpin.setSuffix(" m")
+        self.pixelSizeSpin.setSpecialValueText("From the layer's CRS")
+        self.pixelSizeSpin.setClearValue(0.0)
+        self.pixelSizeSpin.setToolTip("Advanced: the ground size of one input pixel, for rasters without a CRS or "
+                                      "with wrong metadata. Outside the model's range the model works on a "
+                                      "resampled copy; results are always on the layer's grid.")
+        form.addRow("Input pixel size (advanced)", self.pixelSizeSpin)
+
         self.outputWidget = QgsFileWidget(self)
         self.outputWidget.setStorageMode(QgsFileWidget.GetDirectory)
         self.outputWidget.lineEdit().setPlaceholderText(str(config.default_output_dir()))
@@ -134,6 +147,7 @@ class SettingsDialog(QDialog):
         else:
             self.modelCombo.setCurrentIndex(index)
         self.stepsSpin.setValue(settings.steps)
+        self.pixelSizeSpin.setValue(settings.pixel_size)
         self.outputWidget.setFilePath(settings.output_dir)
         self._update_enabled()
         self._show_python_source()
@@ -186,6 +200,7 @@ class SettingsDialog(QDialog):
         user.device = str(self.deviceCombo.currentData())
         user.model = self.model_value()
         user.steps = self.stepsSpin.value()
+        user.pixel_size = self.pixelSizeSpin.value()
         user.output_dir = self.outputWidget.filePath().strip()
         user.save()
         if python != old_python and self.manager is not None:

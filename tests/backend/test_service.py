@@ -258,6 +258,8 @@ def _job(tmp: Path, **fields: object) -> dict:
         ({"band": -2}, 422, "band"),
         ({"vocabulary": 2000}, 422, "vocabulary"),
         ({"min_confidence": 1.5}, 422, "min_confidence"),
+        ({"pixel_size": 0}, 422, "pixel_size"),
+        ({"pixel_size": -0.5}, 422, "pixel_size"),
         ({"bands": []}, 422, "bands"),
         ({"bands": [0, 1, 2]}, 422, "bands"),
         ({"tile": 64, "overlap": 40}, 422, "half of tile"),

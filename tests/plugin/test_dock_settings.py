@@ -15,7 +15,8 @@ from idgbr_qgis.ui import config
 from idgbr_qgis.ui.settings_dialog import SettingsDialog, describe_health
 
 KEYS = (SETTINGS_PYTHON, config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_BAND,
-        config.KEY_VOCABULARY, config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR)
+        config.KEY_VOCABULARY, config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR,
+        config.KEY_PIXEL_SIZE)
 
 
 @pytest.fixture
@@ -54,18 +55,21 @@ def test_values_persist_and_the_manager_reconnects_after_an_interpreter_change(k
     dialog.deviceCombo.setCurrentIndex(dialog.deviceCombo.findData("cpu"))
     dialog.modelCombo.setCurrentIndex(dialog.modelCombo.findData("roads2"))
     dialog.stepsSpin.setValue(6)
+    dialog.pixelSizeSpin.setValue(0.05)
     dialog.outputWidget.setFilePath(str(tmp_path))
     dialog.accept()
     assert dialog.result() == dialog.Accepted
     assert keep_settings.value(SETTINGS_PYTHON) == sys.executable
     user = config.UserSettings.load()
     assert (user.device, user.model, user.steps, user.output_dir) == ("cpu", "roads2", 6, str(tmp_path))
+    assert user.pixel_size == pytest.approx(0.05) and config.pixel_size_field(user.pixel_size) == 0.05
     assert forgotten == [True]
     # A fresh dialog shows what was saved.
     again = SettingsDialog(Manager(locate=_no_backend))
     assert again.python_path() == sys.executable
     assert again.deviceCombo.currentData() == "cpu" and again.model_value() == "roads2"
-    assert again.stepsSpin.value() == 6
+    assert again.stepsSpin.value() == 6 and again.pixelSizeSpin.value() == pytest.approx(0.05)
+    assert config.pixel_size_field(0.0) is None  # 0: the backend reads the layer's CRS
     again.reject()
 
 
@@ -141,3 +145,33 @@ def test_model_choices_come_from_the_bundled_files():
     card = config.read_model_card(config.bundled_models()["dubai5"])
     assert card["classes"] and card["name"] == "dubai5"
     assert config.read_model_card(Path(__file__)) == {}
+
+
+@pytest.mark.parametrize("setting, sent", [(0.05, 0.05), (0.0, None)])
+def test_dock_run_sends_the_pixel_size_setting(sample_raster, tmp_path, setting, sent):
+    """Settings… ▸ Input pixel size reaches both backend jobs of a dock run (coarse, refine); 0 sends none."""
+    from qgis.core import QgsRasterLayer
+
+    from idgbr_qgis.processing import sources
+    from idgbr_qgis.ui.refine_task import RefineTask, RunRequest
+
+    submitted: list[dict] = []
+
+    class Client:
+        def submit(self, **fields):
+            submitted.append(fields)
+            return str(len(submitted))
+
+        def wait(self, job_id, **_kwargs):
+            return {"state": "succeeded", "result": {"classes": [], "notes": []}}
+
+    class Manager:
+        def client(self):
+            return Client()
+
+    layer = QgsRasterLayer(str(sample_raster), "sample")
+    request = RunRequest(layer_name="sample", source=sources.describe(layer), output=tmp_path / "r.tif",
+                         coarse_output=tmp_path / "c.tif", input_pixel_size=config.pixel_size_field(setting))
+    assert RefineTask(Manager(), request).run()
+    assert [job["mode"] for job in submitted] == ["segment", "refine"]
+    assert [job.get("pixel_size") for job in submitted] == [sent, sent]

@@ -23,7 +23,7 @@ from idgbr_qgis.processing import sources
 from idgbr_qgis.styling import apply_class_style, categorized_renderer, class_data
 
 REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
-                     "DEVICE", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"]
+                     "PIXEL_SIZE", "DEVICE", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"]
 CLASSES = [{"id": 0, "name": "water", "color": "#E2A929"}, {"id": 2, "name": "road", "color": "#6EC1E4"},
            {"id": 1, "name": "land", "color": "#8429F6"}]
 
@@ -45,9 +45,11 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
         assert parameter.help(), f"{parameter.name()} has no help text"
     optional = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagOptional}
     assert optional == {"BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
-                        "CONFIDENCE", "OUTPUT_POLYGONS"}
+                        "PIXEL_SIZE", "CONFIDENCE", "OUTPUT_POLYGONS"}
     advanced = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagAdvanced}
-    assert {"BAND", "VOCABULARY", "MIN_CONFIDENCE"} <= advanced
+    assert {"BAND", "VOCABULARY", "MIN_CONFIDENCE", "PIXEL_SIZE"} <= advanced
+    pixel = alg.parameterDefinition("PIXEL_SIZE")  # metres per input pixel; 0 = from the layer's CRS
+    assert (pixel.minimum(), pixel.defaultValue(), pixel.dataType()) == (0.0, 0.0, pixel.Double)
     for name in ("BAND", "VOCABULARY"):
         rule = alg.parameterDefinition(name)
         assert (rule.minimum(), rule.maximum(), rule.dataType()) == (-1, 1024, rule.Integer)
@@ -68,7 +70,7 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
 def test_segment_has_no_refiner_parameters(idgbr_provider):
     alg = QgsApplication.processingRegistry().algorithmById("idgbr:segment")
     names = [p.name() for p in alg.parameterDefinitions()]
-    assert names == ["INPUT", "BANDS", "MODEL", "EXTENT", "DEVICE", "OUTPUT", "OUTPUT_POLYGONS"]
+    assert names == ["INPUT", "BANDS", "MODEL", "EXTENT", "PIXEL_SIZE", "DEVICE", "OUTPUT", "OUTPUT_POLYGONS"]
 
 
 def test_output_must_be_geotiff(idgbr_provider, sample_raster, tmp_path):

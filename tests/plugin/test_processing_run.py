@@ -363,3 +363,25 @@ def test_bad_inputs_are_explained(sample_raster, sample_labels, tmp_path, params
     with pytest.raises(QgsProcessingException, match=message):
         run(params)
     assert list(out.parent.iterdir()) == []
+
+
+class Warnings(QgsProcessingFeedback):
+    def __init__(self) -> None:
+        super().__init__()
+        self.warnings: list[str] = []
+
+    def pushWarning(self, text: str) -> None:  # noqa: N802 - Qt's name
+        self.warnings.append(text)
+        super().pushWarning(text)
+
+
+def test_pixel_size_parameter_runs_at_the_model_resolution_and_writes_the_input_grid(sample_raster, tmp_path):
+    """PIXEL_SIZE 0.05 on the 0.5 m sample: the backend takes the pixels for 5 cm ones (issue 13), segments at
+    dubai5's working 0.5 m, refines at 0.25 m and writes on the input's grid."""
+    out = tmp_path / "refined.tif"
+    feedback = Warnings()
+    run({"INPUT": str(sample_raster), "EXTENT": SMALL, "STEPS": 1, "PIXEL_SIZE": 0.05, "OUTPUT": str(out)}, feedback)
+    assert_on_sample_grid(out)
+    assert grid(out)[2:] == (128, 128)
+    assert any("INPUT is 0.05 m per pixel; segmented at 0.5 m, refined at 0.25 m, written at 0.05 m" in w
+               for w in feedback.warnings), feedback.warnings

@@ -386,19 +386,25 @@ class CoarseSource:
                     f"({bounds_text(area, self.src.crs)}): outside it the output is nodata.")
         return None
 
-    def _read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
+    def _read(self, window: Window, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         try:
-            raw = self.reader.read(1, window=window)
-            valid = self.reader.read_masks(1, window=window) > 0
+            if out_shape is None:
+                raw = self.reader.read(1, window=window)
+                valid = self.reader.read_masks(1, window=window) > 0
+            else:  # another grid's window (raster.resample.GridCoarse): class ids are never averaged
+                raw = self.reader.read(1, window=window, out_shape=out_shape, resampling=Resampling.nearest)
+                valid = self.reader.read_masks(1, window=window, out_shape=out_shape,
+                                               resampling=Resampling.nearest) > 0
         except GDAL_ERRORS as exc:
             raise damaged(self.what, self.path, exc) from exc
         if self.nodata is not None:
             valid &= raw != self.nodata
         return raw, valid
 
-    def read(self, window: Window) -> tuple[np.ndarray, np.ndarray]:
-        """(H, W) int64 ids (invalid pixels hold 0) and (H, W) validity."""
-        raw, valid = self._read(window)
+    def read(self, window: Window, out_shape: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(H, W) int64 ids (invalid pixels hold 0) and (H, W) validity; with ``out_shape`` the (fractional)
+        window read at that size, nearest."""
+        raw, valid = self._read(window, out_shape)
         ids = np.where(valid, raw, 0)
         return ids.astype(np.int64), valid
 

@@ -97,6 +97,9 @@ class JobRequest(BaseModel):
                                                              "to write the refiner's probability of each written "
                                                              "class to (-1 where the output is nodata)")
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    pixel_size: Optional[float] = Field(None, gt=0.0, allow_inf_nan=False,
+                                        description="the input's pixel size in metres, overriding its georeference; "
+                                                    "null: from its CRS (idgbr.resolution)")
 
     @field_validator("input", "output", "coarse", "confidence")
     @classmethod
@@ -401,6 +404,7 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
         "min_confidence": request.min_confidence,
         "confidence": confidence,
         "seed": request.seed,
+        "pixel_size": request.pixel_size,
     }
 
 
