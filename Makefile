@@ -44,12 +44,14 @@ test-plugin: install
 # continues them (from runs/*.state.pt, or from the shipped model files on another machine).
 DATA ?= ../shared/datasets/dubai-aerial
 ACCRA ?= ../shared/datasets/accra-buildings
+RESUME ?= 0
+HOURS ?= 2.5
 train: install
-	PY=$(PY) tools/train_bundled.sh $(DATA) $(ACCRA) 1
+	PY=$(PY) RESUME=$(RESUME) HOURS=$(HOURS) tools/train_bundled.sh $(DATA) $(ACCRA) 1
 
 # The same recipe on a CUDA machine (bfloat16 autocast, larger batches); SCALE shortens the budgets.
 train-gpu: install
-	PY=$(PY) IDGBR_DEVICE=cuda tools/train_bundled.sh $(DATA) $(ACCRA) 0.13
+	PY=$(PY) RESUME=$(RESUME) HOURS=$(HOURS) IDGBR_DEVICE=cuda tools/train_bundled.sh $(DATA) $(ACCRA) 0.13
 
 # Validation on data no model saw (Dubai tile 8, Accra val/): picks the sampler defaults, writes metrics into
 # the model cards, and the tables and figures of docs/MODEL_CARD.md.

@@ -332,7 +332,9 @@ def draw_figure(path: Path, scenes: list[Scene], coarse: list[np.ndarray], bundl
     canvas = Image.new("RGB", (grid.shape[1], grid.shape[0] + header), "white")
     canvas.paste(Image.fromarray(grid), (0, header))
     draw = ImageDraw.Draw(canvas)
-    for i, title in enumerate(["image", "coarse (CNN)", f"IDGBR refined ({defaults['steps']} steps)", "truth"]):
+    steps = defaults["steps"]
+    titles = ["image", "coarse (CNN)", f"IDGBR refined ({steps} step{'s' if steps > 1 else ''})", "truth"]
+    for i, title in enumerate(titles):
         draw.text((i * (crop + 8) + 10, 8), title, fill="black")
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
