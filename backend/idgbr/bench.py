@@ -286,7 +286,7 @@ def run_bench(args: argparse.Namespace) -> int:
         mosaic = build_mosaic(data, work / "mosaic.tif", args.mosaic_size)
         base = {"model": args.model, "steps": args.steps, "device": args.device}
         plans = [("mosaic", mosaic, "segment", None, None), ("mosaic", mosaic, "refine", None, None),
-                 # The same pixels taken for 5 cm ones (issue 13): the model works on a resampled copy, so the
+                 # The same pixels taken for 5 cm ones: the model works on a resampled copy, so the
                  # cost follows the working resolution, not the input's megapixels.
                  (FINE_LABEL.format(where="mosaic"), mosaic, "segment", None, FINE_PIXEL_M),
                  (FINE_LABEL.format(where="mosaic"), mosaic, "refine", None, FINE_PIXEL_M)]
