@@ -19,8 +19,8 @@ from idgbr.refiner_training import EMA_DECAY, STATE_SUFFIX
 
 
 def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, last: bool = False) -> dict:
-    tensors, card = load_checkpoint(refiner_path)
-    card = copy.deepcopy(card)
+    tensors, refiner_card = load_checkpoint(refiner_path)
+    card = copy.deepcopy(refiner_card)
     if last:
         # The last iteration's weights instead of their moving average (from the resumable training state).
         import torch
@@ -41,7 +41,7 @@ def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, las
         tensors.update({k: v for k, v in coarse_tensors.items() if k.startswith("coarse.")})
         refiner_training = card["training"]["refiner"]
         card = {**copy.deepcopy(coarse_card), "sampler": card["sampler"], "metrics": {}}
-        card["architecture"]["refiner"] = load_checkpoint(refiner_path)[1]["architecture"]["refiner"]
+        card["architecture"]["refiner"] = refiner_card["architecture"]["refiner"]
         card["training"]["refiner"] = refiner_training
         card["parts"] = ["coarse", "refiner"]
     card["name"] = out.stem

@@ -21,10 +21,14 @@ def _smooth_field(batch: int, height: int, width: int, cells: int, generator: to
     return F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
-def blocky(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
-    factor = int([4, 8, 12, 16, 24, 32][torch.randint(0, 6, (1,), generator=generator)])
-    votes = F.avg_pool2d(_one_hot(ids, k), factor, ceil_mode=True)
+def block_majority(ids: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Each ``block`` x ``block`` cell takes its majority class: a model with that output stride."""
+    votes = F.avg_pool2d(_one_hot(ids, k), block, ceil_mode=True)
     return F.interpolate(votes, size=ids.shape[-2:], mode="nearest").argmax(1)
+
+
+def blocky(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:
+    return block_majority(ids, k, int([4, 8, 12, 16, 24, 32][torch.randint(0, 6, (1,), generator=generator)]))
 
 
 def smooth(ids: torch.Tensor, k: int, generator: torch.Generator) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 import sys
 import time
@@ -76,12 +75,6 @@ class Schedule:
         return True
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 def _iterations(scenes: list[Scene], crop: int, batch: int, epochs: float) -> int:
     """One epoch = as many crops as cover the training pixels once."""
     pixels = sum(s.labels.size for s in scenes)
@@ -152,15 +145,17 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
 
 
 @torch.inference_mode()
+def pad_to_multiple(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
+    """Reflect-pad the last two dims up to a multiple of ``multiple``; also returns the original size."""
+    height, width = tensor.shape[-2:]
+    return F.pad(tensor, (0, (-width) % multiple, 0, (-height) % multiple), mode="reflect"), height, width
+
+
 def predict_scene(bundle: ModelBundle, scene: Scene, task: str, foreground: int | None = None) -> np.ndarray:
     """Coarse ids of a whole scene with a coarse model. For a binary ``task`` a multiclass model's
     ``foreground`` class (default: road) against the rest is a legitimate coarse map."""
     card = bundle.card
-    image = bundle.normalize(scene.image.transpose(2, 0, 1))
-    height, width = image.shape[-2:]
-    multiple = card["size_multiple"]
-    pad_h, pad_w = (-height) % multiple, (-width) % multiple
-    image = F.pad(image, (0, pad_w, 0, pad_h), mode="reflect")
+    image, height, width = pad_to_multiple(bundle.normalize(scene.image.transpose(2, 0, 1)), card["size_multiple"])
     ids = bundle.segment(image)[0, :, :height, :width].argmax(0).byte().cpu().numpy()
     if task != "multiclass" and card["task"] == "multiclass":
         ids = (ids == (DUBAI_ROAD_ID if foreground is None else foreground)).astype(np.uint8)

@@ -30,11 +30,11 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .classes import IGNORE_ID
 from .classical import PixelClassifier, superpixel_refine
 from .data import BINARY_TASKS, Scene, load_accra, load_scenes
-from .degrade import jitter
+from .degrade import block_majority, jitter
 from .metrics import Scores
 from .model_bundle import ModelBundle, build_bundle, select_device
 from .models.constraints import allowed_classes, constrain_logits, gate_changes
-from .train import predict_scene
+from .train import pad_to_multiple, predict_scene
 
 STEP_CHOICES = (1, 2)  # each further step costs 42 GFLOP/MP more; 3+ are not swept (validation time)
 BAND_CHOICES = (4, 8, 12, 16)  # the vocabulary radius equals the band
@@ -70,17 +70,19 @@ def validation_datasets(card: dict, data: Path, accra: Path | None, tile: str, s
     return datasets
 
 
+def _filled(truth: np.ndarray) -> torch.Tensor:
+    """(1, H, W) ids of the truth with unlabelled pixels as class 0, for the synthetic coarse maps."""
+    return torch.from_numpy(np.where(truth == IGNORE_ID, 0, truth).astype(np.int64))[None]
+
+
 def displaced(truth: np.ndarray, k: int, seed: int) -> np.ndarray:
     """The truth with its boundaries displaced by a smooth warp of a few px (seeded, reproducible)."""
     generator = torch.Generator().manual_seed(seed)
-    ids = torch.from_numpy(np.where(truth == IGNORE_ID, 0, truth).astype(np.int64))[None]
-    return jitter(ids, k, generator, (3.0, 5.0))[0].numpy().astype(np.uint8)
+    return jitter(_filled(truth), k, generator, (3.0, 5.0))[0].numpy().astype(np.uint8)
 
 
 def blocky_map(truth: np.ndarray, k: int, block: int) -> np.ndarray:
-    ids = torch.from_numpy(np.where(truth == IGNORE_ID, 0, truth).astype(np.int64))[None]
-    votes = F.avg_pool2d(F.one_hot(ids, k).permute(0, 3, 1, 2).float(), block, ceil_mode=True)
-    return F.interpolate(votes, size=truth.shape, mode="nearest").argmax(1)[0].numpy().astype(np.uint8)
+    return block_majority(_filled(truth), k, block)[0].numpy().astype(np.uint8)
 
 
 def coarse_sources(bundle: ModelBundle, dataset: Dataset, second: ModelBundle | None,
@@ -98,15 +100,10 @@ def coarse_sources(bundle: ModelBundle, dataset: Dataset, second: ModelBundle | 
     return sources
 
 
-def _pad(tensor: torch.Tensor, multiple: int) -> tuple[torch.Tensor, int, int]:
-    height, width = tensor.shape[-2:]
-    return F.pad(tensor, (0, (-width) % multiple, 0, (-height) % multiple), mode="reflect"), height, width
-
-
 def refine_logits(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, band: int,
                   seed: int = 0) -> torch.Tensor:
     """(K, H, W) refined logits of a whole image, under band = vocabulary radius ``band`` (-1: no rules)."""
-    padded, height, width = _pad(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
+    padded, height, width = pad_to_multiple(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
     coarse_t = torch.from_numpy(coarse.astype(np.int64))[None, None].float()
     coarse_t = F.pad(coarse_t, (0, padded.shape[-1] - width, 0, padded.shape[-2] - height), mode="replicate")
     logits = bundle.refine(padded, coarse_t[:, 0].long(), [(0, 0)], steps=steps, band=band, vocabulary=band,

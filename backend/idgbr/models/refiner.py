@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .constraints import allowed_classes, boundary_map, constrain_logits
+from .constraints import allowed_classes, constrain_logits, guard_band_mask
 from .denoiser import Denoiser
 from .diffusion import ddim_sample, mask_codes, q_sample
 from .guidance import GuidanceNet
@@ -89,6 +89,6 @@ class Refiner(nn.Module):
         reachable = allowed.gather(1, target[:, None])[:, 0]
         contested = allowed.sum(1) > 1
         wrong = (coarse_ids != target) & valid
-        near_edge = F.max_pool2d(boundary_map(target).float()[:, None], 5, 1, 2)[:, 0]
-        weight = (valid & reachable & contested).float() * (1.0 + near_edge + 2.0 * wrong.float())
+        near_edge = guard_band_mask(target, 2)
+        weight = (valid & reachable & contested).float() * (1.0 + near_edge.float() + 2.0 * wrong.float())
         return (per_pixel * weight).sum() / weight.sum().clamp(min=1.0)
