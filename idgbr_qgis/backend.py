@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 
 from qgis.core import QgsApplication, QgsSettings
+from qgis.PyQt.QtCore import QSettings
+
+from .setup_env import is_complete
 
 if TYPE_CHECKING:
     from .backend_client import BackendClient
@@ -23,6 +26,7 @@ if TYPE_CHECKING:
 SETTINGS_PYTHON = "idgbr/python"
 ENV_PYTHON = "IDGBR_PYTHON"
 START_TIMEOUT_S = 60.0
+SETUP_BUTTON = "'Set up backend…' in the IDGBR panel or in Plugins ▸ IDGBR ▸ Settings…"
 
 _WINDOWS = sys.platform.startswith("win")
 
@@ -55,19 +59,39 @@ def development_python() -> Path:
     return venv if venv.is_file() else Path(sys.executable)
 
 
+def configured_python() -> str:
+    """The interpreter chosen in Plugins ▸ IDGBR ▸ Settings…, or "".
+
+    QGIS and qgis_process keep QgsSettings in the profile's QGIS/QGIS3.ini. A standalone PyQGIS script's
+    QgsSettings is another file, so there the profile's file (the default profile, or the one under
+    QGIS_CUSTOM_CONFIG_PATH) is read directly.
+    """
+    settings = QgsSettings()
+    value = str(settings.value(SETTINGS_PYTHON, "") or "").strip()
+    profile_ini = Path(QgsApplication.qgisSettingsDirPath()) / "QGIS" / "QGIS3.ini"
+    if value or not profile_ini.is_file() or _same_file(Path(settings.fileName()), profile_ini):
+        return value
+    return str(QSettings(str(profile_ini), QSettings.IniFormat).value(SETTINGS_PYTHON, "") or "").strip()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    return os.path.normcase(os.path.abspath(a)) == os.path.normcase(os.path.abspath(b))
+
+
 def python_candidates() -> List[Tuple[str, Path, bool]]:
     """Where the backend interpreter may come from, in priority order: (source, path, explicit).
 
-    Explicit sources (the setting and the environment variable) are what the user chose: when one is set
-    but broken, that is reported instead of silently falling back to another interpreter.
+    Explicit sources (the environment variable, then the setting) are what the user chose: when one is set
+    but broken, that is reported instead of silently falling back to another interpreter. The variable
+    comes first because it is set for one process (a script, a qgis_process run), the setting for all.
     """
     candidates: List[Tuple[str, Path, bool]] = []
-    configured = str(QgsSettings().value(SETTINGS_PYTHON, "") or "").strip()
-    if configured:
-        candidates.append((f"the IDGBR setting '{SETTINGS_PYTHON}'", Path(configured), True))
     env = os.environ.get(ENV_PYTHON, "").strip()
     if env:
         candidates.append((f"the environment variable {ENV_PYTHON}", Path(env), True))
+    configured = configured_python()
+    if configured:
+        candidates.append((f"the IDGBR setting '{SETTINGS_PYTHON}'", Path(configured), True))
     candidates.append(("the source checkout's virtual environment", venv_python(dev_checkout_venv()), False))
     candidates.append(("the environment made by the IDGBR first-run setup", venv_python(profile_venv()), False))
     return candidates
@@ -75,19 +99,29 @@ def python_candidates() -> List[Tuple[str, Path, bool]]:
 
 def find_python() -> Tuple[Path, str]:
     """The backend interpreter and where it was found; BackendUnavailable says how to get one."""
+    setup_python = venv_python(profile_venv())
     for source, path, explicit in python_candidates():
+        if _same_file(path, setup_python) and not is_complete(profile_venv()):
+            # A setup that failed or was interrupted left this environment: it is no backend.
+            if explicit:
+                raise BackendUnavailable(
+                    f"The IDGBR environment {profile_venv()} is incomplete: its setup did not finish. "
+                    f"Press {SETUP_BUTTON} to set it up again."
+                )
+            continue
         if path.is_file():
             return path, source
         if explicit:
+            fix = (f"Set {ENV_PYTHON} to an existing interpreter, or unset it" if ENV_PYTHON in source else
+                   "Choose an existing interpreter in Plugins ▸ IDGBR ▸ Settings…, or clear the setting")
             raise BackendUnavailable(
-                f"The backend Python set by {source} does not exist: {path}. "
-                "Choose an existing interpreter in Plugins ▸ IDGBR ▸ Settings…, or clear the setting to use "
-                "the environment made by the first-run setup."
+                f"The backend Python set by {source} does not exist: {path}. {fix} to use the environment made "
+                "by the first-run setup."
             )
     raise BackendUnavailable(
-        "No IDGBR backend is installed yet. Open Plugins ▸ IDGBR ▸ Settings… and run the first-run setup "
-        f"(it creates {profile_venv()} with PyTorch), or point IDGBR at a Python that has the 'idgbr' "
-        f"backend installed (setting '{SETTINGS_PYTHON}' or environment variable {ENV_PYTHON})."
+        f"No IDGBR backend is installed yet. Press {SETUP_BUTTON} to install PyTorch and the backend in "
+        f"{profile_venv()}, or choose a Python that has them in Plugins ▸ IDGBR ▸ Settings… (scripts and "
+        f"qgis_process may also set the environment variable {ENV_PYTHON})."
     )
 
 

@@ -38,7 +38,8 @@ EXIT_PORT_TAKEN = 4
 # (e.g. OSGeo4W's PYTHONHOME, or a PROJ_LIB pointing at an older proj.db than rasterio's).
 _FOREIGN_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "GDAL_DATA", "GDAL_DRIVER_PATH",
                 "PROJ_LIB", "PROJ_DATA")
-_SETUP_HINT = "set up the backend from the plugin's settings, or run `make install` in an IDGBR checkout"
+_SETUP_HINT = ("set up the backend with 'Set up backend…' in the IDGBR panel or in the plugin's settings "
+               "(Plugins ▸ IDGBR ▸ Settings…)")
 
 PathLike = Union[str, "os.PathLike[str]"]
 

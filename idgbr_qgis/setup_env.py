@@ -6,15 +6,20 @@ plain command lines; `ui/setup_dialog.py` runs them one by one with QProcess so 
 
 from __future__ import annotations
 
+import configparser
+import contextlib
+import http.client
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Mapping, Optional, Sequence
 
 # torch publishes wheels for these CPython versions (64-bit only); the backend needs >= 3.9.
 MIN_PYTHON = (3, 9)
@@ -25,6 +30,12 @@ TORCH_CUDA_INDEX = "https://download.pytorch.org/whl/cu121"
 SPACE_CPU_BYTES = 2 * 1024**3
 SPACE_CUDA_BYTES = 7 * 1024**3
 PIP_FLAGS = ["--disable-pip-version-check", "--no-input"]
+# Written into the environment only after its check passed: an environment without it is a leftover of a
+# setup that failed or was interrupted, never a backend.
+COMPLETE_MARKER = "idgbr-setup-complete.json"
+# pip settings that say where packages come from (an environment variable, or a key in a pip config file).
+_PIP_INDEX_ENV = ("PIP_INDEX_URL", "PIP_EXTRA_INDEX_URL", "PIP_FIND_LINKS", "PIP_NO_INDEX")
+_PIP_INDEX_KEYS = ("index-url", "extra-index-url", "find-links", "no-index")
 
 _WINDOWS = sys.platform.startswith("win")
 
@@ -91,6 +102,10 @@ class InstallPlan:
     cuda: bool
     backend_source: Path
     steps: list[Step] = field(default_factory=list)
+    # True for the dedicated environment: it gets the completion marker, or is removed when the setup fails.
+    dedicated: bool = False
+    # Decisions worth telling the user before the log starts (where PyTorch comes from, and why).
+    notes: list[str] = field(default_factory=list)
 
     @property
     def total_weight(self) -> int:
@@ -137,6 +152,41 @@ def venv_dir(profile_dir: Path) -> Path:
 def venv_python(venv: Path) -> Path:
     """The interpreter inside a virtual environment, on this platform."""
     return Path(venv) / ("Scripts/python.exe" if _WINDOWS else "bin/python")
+
+
+def is_complete(venv: Path) -> bool:
+    """Whether a setup finished in this environment: its interpreter exists and its check passed."""
+    return (Path(venv) / COMPLETE_MARKER).is_file() and venv_python(venv).is_file()
+
+
+def mark_complete(venv: Path, check: BackendCheck) -> None:
+    """Record that the environment passed its check (written last, so a crash never leaves a false marker)."""
+    marker = Path(venv) / COMPLETE_MARKER
+    partial = marker.with_name(marker.name + ".partial")
+    partial.write_text(json.dumps({
+        "python": str(check.python), "torch": check.torch_version, "cuda": check.cuda_available,
+        "gpu": check.gpu_name, "idgbr": check.idgbr_version,
+    }), encoding="utf-8")
+    os.replace(partial, marker)
+
+
+def unmark(venv: Path) -> None:
+    """Withdraw the marker before an environment is rebuilt: until its check passes again it is no backend."""
+    with contextlib.suppress(FileNotFoundError):
+        (Path(venv) / COMPLETE_MARKER).unlink()
+
+
+def remove_incomplete(venv: Path) -> bool:
+    """Delete an environment whose setup did not finish (a few GB); True when one was removed.
+
+    Files that cannot be deleted (Windows keeps files in use locked) stay behind, but without the marker
+    they never count as a backend, and the next setup replaces them.
+    """
+    venv = Path(venv)
+    if not venv.exists() or is_complete(venv):
+        return False
+    shutil.rmtree(venv, ignore_errors=True)
+    return not venv.exists()
 
 
 def plugin_dir() -> Path:
@@ -300,6 +350,82 @@ def child_environment(proxy_url: Optional[str] = None) -> dict[str, str]:
     return env
 
 
+# ------------------------------------------------------------------------------------------- package index
+
+
+def pip_config_files(env: Optional[Mapping[str, str]] = None) -> list[Path]:
+    """The pip configuration files pip would read on this platform (existing or not), as pip looks for them."""
+    env = os.environ if env is None else env
+    chosen = env.get("PIP_CONFIG_FILE", "")
+    if chosen == os.devnull:
+        return []  # pip reads no configuration file at all then
+    home = Path(env.get("USERPROFILE" if _WINDOWS else "HOME") or Path.home())
+    if _WINDOWS:
+        global_files = [Path(env.get("PROGRAMDATA") or r"C:\ProgramData") / "pip" / "pip.ini"]
+        user_files = [home / "pip" / "pip.ini"]
+        if env.get("APPDATA"):
+            user_files.append(Path(env["APPDATA"]) / "pip" / "pip.ini")
+    else:
+        dirs = (env.get("XDG_CONFIG_DIRS") or "/etc/xdg").split(os.pathsep)
+        global_files = [Path(d) / "pip" / "pip.conf" for d in dirs if d] + [Path("/etc/pip.conf")]
+        config_home = Path(env.get("XDG_CONFIG_HOME") or home / ".config")
+        user_files = [home / ".pip" / "pip.conf", config_home / "pip" / "pip.conf"]
+        if sys.platform == "darwin":
+            global_files.append(Path("/Library/Application Support/pip/pip.conf"))
+            user_files.append(home / "Library" / "Application Support" / "pip" / "pip.conf")
+    if chosen and Path(chosen).exists():
+        user_files = []  # an existing PIP_CONFIG_FILE replaces the user's own file
+    return global_files + user_files + ([Path(chosen)] if chosen else [])
+
+
+def user_index_source(env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Where the user's pip settings name a package index or wheel folder (a variable or a file), else None.
+
+    Such a setting is the user's (an offline mirror, a company proxy's index): the setup must keep it.
+    """
+    env = os.environ if env is None else env
+    for key in _PIP_INDEX_ENV:
+        if env.get(key, "").strip():
+            return key
+    for path in pip_config_files(env):
+        parser = configparser.ConfigParser(interpolation=None)
+        try:
+            parser.read(path, encoding="utf-8")
+        except (configparser.Error, OSError, UnicodeDecodeError):
+            continue  # pip itself reports an unreadable file; it names no index we could keep
+        for section in ("global", "install"):
+            if not parser.has_section(section):
+                continue
+            keys = {k.replace("_", "-") for k, v in parser.items(section) if v.strip()}
+            if keys.intersection(_PIP_INDEX_KEYS):
+                return str(path)
+    return None
+
+
+def index_reachable(url: str, proxy_url: Optional[str] = None, timeout: float = 5.0) -> bool:
+    """Whether a package index answers for torch within `timeout` s.
+
+    Checked before planning: pip retries an unreachable index for minutes, once per package.
+    """
+    proxies = {"http": proxy_url, "https": proxy_url} if proxy_url else urllib.request.getproxies()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler(proxies))
+    request = urllib.request.Request(url.rstrip("/") + "/torch/", method="HEAD")
+    try:
+        with opener.open(request, timeout=timeout) as response:
+            return int(response.status) < 400
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError):
+        return False
+
+
+def torch_index(cuda: bool) -> Optional[str]:
+    """PyTorch's own index for the chosen build; None where the default index has the right build already."""
+    if cuda:
+        return TORCH_CUDA_INDEX
+    # PyPI's Linux torch is the multi-GB CUDA build; PyTorch's CPU index has the small one.
+    # (macOS wheels on PyPI are CPU/MPS builds already.)
+    return None if sys.platform == "darwin" else TORCH_CPU_INDEX
+
+
 # ------------------------------------------------------------------------------------------------- planning
 
 
@@ -359,11 +485,18 @@ def plan_install(
     backend_source: Path,
     cuda: bool,
     reuse_venv: bool = False,
+    index_url: str = "",
+    proxy_url: Optional[str] = None,
 ) -> InstallPlan:
     """The commands that build the environment: venv, pip, torch, the backend's dependencies, the backend.
 
-    torch is installed first from PyTorch's own index (CPU or CUDA build), then the backend's other
-    libraries, then the backend itself with `--no-deps`, so pip cannot swap that torch for another build.
+    torch is installed first (CPU or CUDA build), then the backend's other libraries, then the backend
+    itself with `--no-deps`, so pip cannot swap that torch for another build. Where packages come from:
+
+    - `index_url` (the Settings' package index, e.g. a company mirror): every package, from there only;
+    - else PyTorch's own index for torch, when it answers: in place of the default index, or added to it
+      when the user's pip settings name an index (never overriding them);
+    - else the default index (pip's configuration, or PyPI).
     """
     why = base.incompatibility()
     if why:
@@ -371,55 +504,68 @@ def plan_install(
     venv = Path(venv)
     python = venv_python(venv)
     py = str(python)
+    notes: list[str] = []
+    index_args = ["--index-url", index_url] if index_url else []
+    torch_args = ["-m", "pip", "install", *PIP_FLAGS, *index_args, "torch"]
+    pytorch = None if index_url else torch_index(cuda)
+    if index_url:
+        notes.append(f"Packages come from the package index set in Settings: {index_url}")
+    elif pytorch:
+        user_index = user_index_source()
+        if not index_reachable(pytorch, proxy_url):
+            notes.append(f"PyTorch's package index {pytorch} cannot be reached: PyTorch comes from the default "
+                         "package index instead, whose build may differ from the one chosen.")
+        elif user_index:
+            torch_args += ["--extra-index-url", pytorch]
+            notes.append(f"Your pip settings name a package index ({user_index}): they are kept, and PyTorch's "
+                         f"index {pytorch} is only added.")
+        else:
+            torch_args += ["--index-url", pytorch]
     steps: list[Step] = []
     if not reuse_venv:
         steps.append(
             Step("Creating the virtual environment", str(base.path), ["-m", "venv", "--clear", str(venv)], 1)
         )
     steps.append(
-        Step("Updating pip", py, ["-m", "pip", "install", *PIP_FLAGS, "--upgrade", "pip"], 1, optional=True)
+        Step("Updating pip", py, ["-m", "pip", "install", *PIP_FLAGS, *index_args, "--upgrade", "pip"], 1,
+             optional=True)
     )
-    torch_args = ["-m", "pip", "install", *PIP_FLAGS, "torch"]
-    if cuda:
-        torch_args += ["--index-url", TORCH_CUDA_INDEX]
-    elif sys.platform != "darwin":
-        # PyPI's Linux torch is the multi-GB CUDA build; PyTorch's CPU index has the small one.
-        # (macOS wheels on PyPI are CPU/MPS builds already.)
-        torch_args += ["--index-url", TORCH_CPU_INDEX]
     steps.append(Step("Installing PyTorch (" + ("CUDA build" if cuda else "CPU build") + ")", py, torch_args, 8))
     requirements = backend_requirements(backend_source)
     if requirements:
-        steps.append(
-            Step("Installing the backend's libraries", py, ["-m", "pip", "install", *PIP_FLAGS, *requirements], 4)
-        )
-    steps.append(_backend_step(py, backend_source))
+        steps.append(Step("Installing the backend's libraries", py,
+                          ["-m", "pip", "install", *PIP_FLAGS, *index_args, *requirements], 4))
+    steps.append(_backend_step(py, backend_source, index_args))
     steps.append(Step("Checking the backend", py, verify_arguments(), 1))
     return InstallPlan(base_python=base, venv=venv, python=python, cuda=cuda, backend_source=backend_source,
-                       steps=steps)
+                       steps=steps, dedicated=True, notes=notes)
 
 
-def _backend_step(python: str, backend_source: Path) -> Step:
+def _backend_step(python: str, backend_source: Path, index_args: Sequence[str] = ()) -> Step:
     # Editable: the backend then runs from the plugin folder, so it finds the bundled weights in
-    # <plugin>/resources/models and follows plugin upgrades without a reinstall.
+    # <plugin>/resources/models and follows plugin upgrades without a reinstall. The index arguments matter
+    # here too: pip fetches the build backend (setuptools) from an index.
     return Step(
         "Installing the IDGBR backend",
         python,
-        ["-m", "pip", "install", *PIP_FLAGS, "--no-deps", "--upgrade", "--editable", str(backend_source)],
+        ["-m", "pip", "install", *PIP_FLAGS, *index_args, "--no-deps", "--upgrade", "--editable",
+         str(backend_source)],
         1,
     )
 
 
-def plan_backend_into(python: PythonInfo, backend_source: Path) -> InstallPlan:
+def plan_backend_into(python: PythonInfo, backend_source: Path, index_url: str = "") -> InstallPlan:
     """Install only the backend into an existing Python that already has torch (keeps that torch)."""
     py = str(python.path)
+    index_args = ["--index-url", index_url] if index_url else []
     steps = [
         Step(
             "Installing the backend's libraries",
             py,
-            ["-m", "pip", "install", *PIP_FLAGS, *backend_requirements(backend_source)],
+            ["-m", "pip", "install", *PIP_FLAGS, *index_args, *backend_requirements(backend_source)],
             4,
         ),
-        _backend_step(py, backend_source),
+        _backend_step(py, backend_source, index_args),
         Step("Checking the backend", py, verify_arguments(), 1),
     ]
     return InstallPlan(base_python=python, venv=python.path.parent, python=python.path, cuda=False,
@@ -514,8 +660,9 @@ _FAILURES: Sequence[tuple[str, str]] = (
         r"getaddrinfo failed|Network is unreachable|Max retries exceeded|Read timed out|ConnectTimeout|"
         r"No connection could be made",
         "The package index could not be reached. Check the internet connection (and the proxy in QGIS's "
-        "Settings › Options › Network), then retry. Without internet, choose an existing Python that has "
-        "PyTorch with 'Use an existing Python'.",
+        "Settings › Options › Network), then retry. Where packages come from a mirror of your organisation, "
+        "enter its address as the package index in Plugins ▸ IDGBR ▸ Settings…. Without internet, choose an "
+        "existing Python that has PyTorch with 'Use an existing Python'.",
     ),
     (
         r"No matching distribution found for torch|Requires-Python|requires a different Python|"

@@ -53,7 +53,8 @@ class RefinerRun:
     coarse_sources: list[Path] = field(default_factory=list)  # further models whose maps are training inputs
     accra: Path | None = None  # binary tasks: the accra-buildings folder
     tiles: list[str] = field(default_factory=lambda: [f"tile{i}" for i in range(1, 7)])
-    task: str | None = None  # None: the coarse model's task; for a binary model, "roads" or "buildings" data
+    task: str | None = None  # binary models: "roads" or "buildings" trains a refiner of that foreground only;
+    # None trains one refiner for both foregrounds
     pixel_classifier: bool = False
     iterations: int = 6000
     minutes: float | None = None  # this run's wall-clock budget (the schedule follows ``iterations``)
@@ -96,16 +97,21 @@ def _coarse_only(path: Path, device: torch.device):
 
 
 def training_scenes(run: RefinerRun, card: dict) -> list[Scene]:
-    """Multiclass: the Dubai tiles. Binary: the Dubai tiles as road scenes and as building scenes, and with
-    ``accra`` the Accra drone tiles at ~0.2 and ~0.1 m; each scene remembers its foreground class."""
+    """Multiclass: the Dubai tiles. Binary: the Dubai tiles as road scenes and/or building scenes (``run.task``),
+    and for buildings with ``accra`` the Accra drone tiles at ~0.2 and ~0.1 m; each scene remembers its
+    foreground class."""
     if card["task"] == "multiclass":
         return load_scenes(run.data, run.tiles, "multiclass")
+    if run.task not in (None, "roads", "buildings"):
+        raise IdgbrError(f"--task {run.task} is not a refiner task of a binary model; give roads or buildings, "
+                         "or leave it out to train one refiner for both.")
+    tasks = ("roads", "buildings") if run.task is None else (run.task,)
     scenes = []
-    for task in ("roads", "buildings"):
+    for task in tasks:
         for scene in load_scenes(run.data, run.tiles, task):
             scene.foreground = BINARY_TASKS[task]
             scenes.append(scene)
-    if run.accra is not None:
+    if run.accra is not None and "buildings" in tasks:
         for scene in load_accra(run.accra, "train", 4) + load_accra(run.accra, "train", 2):
             scene.foreground = BINARY_TASKS["buildings"]
             scenes.append(scene)
@@ -115,21 +121,23 @@ def training_scenes(run: RefinerRun, card: dict) -> list[Scene]:
 def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: torch.device) -> list[str]:
     """Predict every scene with every coarse source; scenes carry them as extra (S, H, W). Returns names.
 
-    A binary refiner learns from several foregrounds (roads, buildings), so its real maps come from
-    multiclass sources (the scene's foreground class against the rest); binary sources are left out."""
+    A binary refiner of both foregrounds (roads, buildings) takes its real maps from multiclass sources only
+    (the scene's foreground class against the rest), as a binary source knows one foreground; a refiner of
+    one foreground (``run.task``) also learns from binary models of it."""
     from .train import predict_scene
 
     binary = card["task"] != "multiclass"
+    mixed = binary and run.task is None
     names, maps = [], [[] for _ in scenes]
     for path in [run.coarse_model, *run.coarse_sources]:
         bundle = _coarse_only(path, device)
-        if binary and bundle.card["task"] != "multiclass":
+        if mixed and bundle.card["task"] != "multiclass":
             print(f"{path.name}: a binary model of one foreground; not a source for this refiner", flush=True)
             continue
         for i, scene in enumerate(scenes):
             maps[i].append(predict_scene(bundle, scene, card["task"], scene.foreground))
         names.append(path.stem)
-    if run.pixel_classifier and not binary:
+    if run.pixel_classifier and not mixed:
         from .classical import PixelClassifier
 
         try:
@@ -250,7 +258,8 @@ def train_refiner(run: RefinerRun) -> dict:
         print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
     progress["sessions"] += 1
 
-    meta = {"tiles": run.tiles, "accra": run.accra is not None, "batch": run.batch, "crop": run.crop,
+    meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
+            "batch": run.batch, "crop": run.crop,
             "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision,
             "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND,
             "weights": f"moving average (decay {EMA_DECAY})",

@@ -176,6 +176,7 @@ def _run(args: argparse.Namespace) -> int:
         train_refiner(RefinerRun(
             data=args.data, output=args.output, coarse_model=args.coarse_model, coarse_sources=args.coarse_source,
             accra=args.accra, tiles=args.tiles.split(","), pixel_classifier=args.pixel_classifier,
+            task=args.task if args.task in ("roads", "buildings") else None,
             iterations=args.iterations, minutes=args.minutes, session_iterations=args.session_iterations,
             save_minutes=args.save_minutes, batch=args.batch,
             crop=args.crop, lr=args.lr if args.lr is not None else 1e-3, device=args.device,
@@ -190,7 +191,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="the dubai-aerial folder (tileN/images/*.jpg and tileN/masks/*.png)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="model file to write (.safetensors)")
     parser.add_argument("--task", choices=["multiclass", "binary", "roads", "buildings"], default="multiclass",
-                        help="coarse only: 5 land-cover classes, or binary road (binary, roads) or building vs. rest")
+                        help="coarse: 5 land-cover classes, or binary road (binary, roads) or building vs. rest; "
+                             "refiner of a binary model: roads or buildings trains it for that foreground only "
+                             "(default: one refiner for both)")
     parser.add_argument("--architecture", choices=["encoder-decoder", FCN_KIND], default="encoder-decoder",
                         help="coarse only: the bundled encoder-decoder CNN, or a plain FCN (a second, different "
                              "discriminative model, used to validate the refiner on other models' maps)")

@@ -11,6 +11,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
+from urllib.parse import urlparse
 
 from qgis.core import QgsApplication, QgsSettings
 
@@ -24,6 +25,7 @@ KEY_MIN_CONFIDENCE = "idgbr/min_confidence"
 KEY_SHOW_CONFIDENCE = "idgbr/show_confidence"
 KEY_OUTPUT_DIR = "idgbr/output_dir"
 KEY_PIXEL_SIZE = "idgbr/pixel_size"  # the input's metres per pixel; 0: from the layer's CRS
+KEY_INDEX_URL = "idgbr/index_url"  # the package index of the backend setup; empty: PyTorch's, then pip's
 MAX_PIXEL_SIZE = 10.0  # the backend refuses coarser rasters
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -51,6 +53,20 @@ def confidence_field(value: float) -> Optional[float]:
 def pixel_size_field(value: float) -> Optional[float]:
     """The pixel-size setting as the job's field: None (detect from the CRS) for 0."""
     return round(float(value), 6) if value and value > 0 else None
+
+
+def index_url_problem(url: str) -> Optional[str]:
+    """Why `url` cannot be the setup's package index, or None (an empty one means the defaults)."""
+    url = url.strip()
+    if not url:
+        return None
+    parts = urlparse(url)
+    if parts.scheme in ("http", "https") and parts.netloc:
+        return None
+    if parts.scheme == "file" and parts.path:
+        return None
+    return (f"The package index {url} is not a web address: enter one like https://mirror.example.org/simple, "
+            "or leave it empty.")
 
 
 def plugin_dir() -> Path:
@@ -114,6 +130,7 @@ class UserSettings:
     show_confidence: bool = False
     output_dir: str = ""
     pixel_size: float = 0.0  # metres per input pixel; 0 = from the layer's CRS
+    index_url: str = ""  # where the backend setup downloads packages; empty = PyTorch's index, then pip's
 
     @classmethod
     def load(cls, settings: Optional[QgsSettings] = None) -> UserSettings:
@@ -129,6 +146,7 @@ class UserSettings:
             show_confidence=_bool(s.value(KEY_SHOW_CONFIDENCE, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
             pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE),
+            index_url=str(s.value(KEY_INDEX_URL, "") or "").strip(),
         )
 
     def save(self, settings: Optional[QgsSettings] = None) -> None:
@@ -142,6 +160,7 @@ class UserSettings:
         s.setValue(KEY_SHOW_CONFIDENCE, bool(self.show_confidence))
         s.setValue(KEY_OUTPUT_DIR, self.output_dir)
         s.setValue(KEY_PIXEL_SIZE, float(self.pixel_size))
+        s.setValue(KEY_INDEX_URL, self.index_url.strip())
 
     def results_dir(self) -> Path:
         return Path(self.output_dir) if self.output_dir else default_output_dir()

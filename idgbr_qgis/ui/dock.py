@@ -566,8 +566,10 @@ class IdgbrDock(QgsDockWidget):
         self.checkButton.setEnabled(True)
         if exception is not None:
             from ..backend import BackendUnavailable
+            from ..backend_client import BackendError
 
-            self.setupButton.setVisible(isinstance(exception, BackendUnavailable))
+            # No interpreter, or one that cannot start the backend: the setup is the fix for both.
+            self.setupButton.setVisible(isinstance(exception, (BackendUnavailable, BackendError)))
             self.deviceLabel.setText("Device: backend unavailable")
             self.deviceLabel.setToolTip(str(exception))
             self._message(str(exception), Qgis.Warning)

@@ -7,6 +7,7 @@ service or the saved settings.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,12 +23,13 @@ from qgis.PyQt.QtWidgets import (
     QFormLayout,
     QHBoxLayout,
     QLabel,
+    QLineEdit,
     QPushButton,
     QVBoxLayout,
     QWidget,
 )
 
-from ..backend import SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
+from ..backend import ENV_PYTHON, SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
 from . import config
 
 OTHER_MODEL = "__other__"
@@ -70,6 +72,14 @@ class SettingsDialog(QDialog):
         self.pythonSourceLabel = QLabel(self)
         self.pythonSourceLabel.setWordWrap(True)
         layout.addWidget(self.pythonSourceLabel)
+
+        self.indexEdit = QLineEdit(self)
+        self.indexEdit.setPlaceholderText("PyTorch's index, then your pip settings")
+        self.indexEdit.setToolTip("Where 'Set up backend…' downloads PyTorch and its libraries, for example your "
+                                  "organisation's mirror (https://mirror.example.org/simple). Empty: PyTorch's "
+                                  "own index when it can be reached, otherwise the default package index; a "
+                                  "package index in your pip settings is always kept.")
+        form.addRow("Package index (setup)", self.indexEdit)
 
         self.deviceCombo = QComboBox(self)
         for device, text in (("auto", "Automatic (GPU when available)"), ("cpu", "CPU"),
@@ -149,6 +159,7 @@ class SettingsDialog(QDialog):
         self.stepsSpin.setValue(settings.steps)
         self.pixelSizeSpin.setValue(settings.pixel_size)
         self.outputWidget.setFilePath(settings.output_dir)
+        self.indexEdit.setText(settings.index_url)
         self._update_enabled()
         self._show_python_source()
 
@@ -156,6 +167,11 @@ class SettingsDialog(QDialog):
         self.modelFile.setEnabled(self.modelCombo.currentData() == OTHER_MODEL)
 
     def _show_python_source(self) -> None:
+        env = os.environ.get(ENV_PYTHON, "").strip()
+        if env:
+            self.pythonSourceLabel.setText(f"The environment variable {ENV_PYTHON} is set: {env} is used, "
+                                           "not this field.")
+            return
         if self.python_path():
             self.pythonSourceLabel.setText("")
             return
@@ -186,7 +202,7 @@ class SettingsDialog(QDialog):
         output = self.outputWidget.filePath().strip()
         if output and Path(output).exists() and not Path(output).is_dir():
             return f"The results folder {output} is a file: choose a folder."
-        return None
+        return config.index_url_problem(self.indexEdit.text())
 
     def save(self) -> None:
         settings = QgsSettings()
@@ -202,6 +218,7 @@ class SettingsDialog(QDialog):
         user.steps = self.stepsSpin.value()
         user.pixel_size = self.pixelSizeSpin.value()
         user.output_dir = self.outputWidget.filePath().strip()
+        user.index_url = self.indexEdit.text().strip()
         user.save()
         if python != old_python and self.manager is not None:
             self.manager.forget()  # the next job starts the service with the new interpreter
@@ -262,7 +279,12 @@ class SettingsDialog(QDialog):
     def open_setup(self) -> None:
         from .setup_dialog import SetupDialog
 
-        dialog = SetupDialog(self, self.manager)
+        problem = config.index_url_problem(self.indexEdit.text())
+        if problem:
+            self.testLabel.setText(problem)
+            return
+        # The index as typed here, saved or not yet.
+        dialog = SetupDialog(self, self.manager, index_url=self.indexEdit.text())
         dialog.backendReady.connect(self.pythonWidget.setFilePath)
         dialog.exec_()
 

@@ -32,6 +32,7 @@ from qgis.PyQt.QtWidgets import (
 from .. import setup_env
 from ..backend import SETTINGS_PYTHON
 from ..setup_env import InstallPlan, SetupError
+from . import config
 
 LOG_TAG = "IDGBR"
 _PROGRESS_LINES = ("Collecting", "Downloading", "Installing", "Building", "Successfully", "Requirement already")
@@ -61,11 +62,13 @@ class SetupDialog(QDialog):
     attemptFinished = pyqtSignal(bool, str)
 
     def __init__(self, parent: Optional[QWidget] = None, backend_manager: object = None,
-                 profile_dir: Optional[Path] = None) -> None:
+                 profile_dir: Optional[Path] = None, index_url: Optional[str] = None) -> None:
         super().__init__(parent)
         self.setWindowTitle("IDGBR — set up the backend")
         self.setMinimumWidth(620)
         self._manager = backend_manager
+        # The package index from Settings (None: the saved one); empty means PyTorch's and pip's defaults.
+        self._index_url = config.UserSettings.load().index_url if index_url is None else index_url.strip()
         self._profile = Path(profile_dir or QgsApplication.qgisSettingsDirPath())
         self._venv = setup_env.venv_dir(self._profile)
         self._plan: Optional[InstallPlan] = None
@@ -180,16 +183,20 @@ class SetupDialog(QDialog):
         if self.is_running():
             return
         self.logView.clear()
+        self._plan = None
         try:
             base = setup_env.find_base_python()
             source = setup_env.backend_source_dir()
             self._venv.parent.mkdir(parents=True, exist_ok=True)
             setup_env.check_disk_space(self._venv.parent, cuda)
-            plan = setup_env.plan_install(base, self._venv, source, cuda)
+            plan = setup_env.plan_install(base, self._venv, source, cuda, index_url=self._index_url,
+                                          proxy_url=qgis_proxy_url())
         except (SetupError, OSError) as exc:
             self._finish(False, str(exc))
             return
         self._log(f"Using Python {base.version_text} at {base.path} to create {self._venv}")
+        for note in plan.notes:
+            self._log(note)
         self._run(plan)
 
     def start_existing(self, python: Optional[Path]) -> None:
@@ -197,6 +204,7 @@ class SetupDialog(QDialog):
         if self.is_running():
             return
         self.logView.clear()
+        self._plan = None
         if python is None or not str(python):
             self._finish(False, "Choose the Python interpreter (python.exe on Windows) that has PyTorch.")
             return
@@ -223,7 +231,7 @@ class SetupDialog(QDialog):
                 )
                 if answer != QMessageBox.Yes:
                     raise SetupError("Nothing was installed. Choose 'Create a dedicated environment' instead.")
-                plan = setup_env.plan_backend_into(info, source)
+                plan = setup_env.plan_backend_into(info, source, self._index_url)
         except SetupError as exc:
             self._finish(False, str(exc))
             return
@@ -245,6 +253,14 @@ class SetupDialog(QDialog):
         self._cancelled = False
         self._check_output = []
         self.progressBar.setValue(0)
+        if plan.dedicated:
+            # The environment is rebuilt: until its check passes it must not count as a backend.
+            try:
+                setup_env.unmark(plan.venv)
+            except OSError as exc:
+                self._finish(False, f"The environment {plan.venv} cannot be rebuilt ({exc}). Close the programs "
+                                    "that use it, then start the setup again.")
+                return
         self._next_step()
 
     def _next_step(self) -> None:
@@ -307,8 +323,7 @@ class SetupDialog(QDialog):
         assert self._plan is not None
         step = self._plan.steps[self._index]
         if self._cancelled:
-            self._finish(False, "Setup cancelled; the backend setting was not changed. Start again to retry "
-                                "(the partial environment is replaced).")
+            self._finish(False, "Setup cancelled; the backend setting was not changed. Start again to retry.")
             return
         log = "\n".join(self._step_log)
         if exit_status != QProcess.NormalExit or exit_code != 0:
@@ -334,8 +349,14 @@ class SetupDialog(QDialog):
         assert self._plan is not None
         try:
             check = setup_env.parse_verify_output(self._plan.python, "\n".join(self._check_output))
+            if self._plan.dedicated:
+                setup_env.mark_complete(self._plan.venv, check)
         except (SetupError, ValueError) as exc:
             self._finish(False, str(exc))
+            return
+        except OSError as exc:
+            self._finish(False, f"The environment works but could not be marked as complete ({exc}). Check "
+                                "the permissions of the QGIS profile folder, then start the setup again.")
             return
         QgsSettings().setValue(SETTINGS_PYTHON, str(self._plan.python))
         forget = getattr(self._manager, "forget", None)
@@ -347,6 +368,9 @@ class SetupDialog(QDialog):
         self.backendReady.emit(str(self._plan.python))
 
     def _finish(self, ok: bool, message: str) -> None:
+        # Nothing half-built may stay behind to be mistaken for a backend (or fill the disk).
+        if not ok and self._plan is not None and self._plan.dedicated and setup_env.remove_incomplete(self._plan.venv):
+            message += f" The unfinished environment {self._plan.venv} was removed."
         self._set_running(False)
         self.statusLabel.setText(message)
         self._log(("\nDone: " if ok else "\nStopped: ") + message)

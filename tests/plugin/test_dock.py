@@ -401,6 +401,36 @@ def test_backend_that_cannot_start_is_reported_with_the_fix(qgis_iface, project,
         widget.deleteLater()
 
 
+def test_after_a_failed_setup_the_dock_offers_the_setup_again(qgis_iface, project, tmp_path, monkeypatch):
+    """A half-built environment (no completion marker) is no backend: the panel offers the setup, and its
+    message names the button, not a developer command."""
+    import venv
+
+    from idgbr_qgis import backend
+
+    profile_venv = tmp_path / "profile" / "idgbr" / "venv"
+    venv.EnvBuilder(with_pip=False).create(profile_venv)  # what a setup that failed after its first step leaves
+    monkeypatch.setattr(backend, "profile_venv", lambda: profile_venv)
+    monkeypatch.setattr(backend, "dev_checkout_venv", lambda: tmp_path / "no-checkout")
+    monkeypatch.delenv(backend.ENV_PYTHON, raising=False)
+    settings = QgsSettings()
+    saved = settings.value(backend.SETTINGS_PYTHON, None)
+    settings.remove(backend.SETTINGS_PYTHON)
+    widget = make_dock(qgis_iface, BackendManager(state_dir=tmp_path / "state"))
+    try:
+        widget.check_backend()
+        wait_for(lambda: widget._health_task is None, 120)
+        message = widget.deviceLabel.toolTip()
+        assert widget.deviceLabel.text() == "Device: backend unavailable"
+        assert not widget.setupButton.isHidden()
+        assert "Set up backend" in message and "make install" not in message
+    finally:
+        widget.shutdown()
+        widget.deleteLater()
+        if saved is not None:
+            settings.setValue(backend.SETTINGS_PYTHON, saved)
+
+
 def test_settings_persist_between_docks(qgis_iface, project, dock_settings):
     manager = BackendManager(locate=lambda: (_ for _ in ()).throw(BackendUnavailable("none")))
     first = make_dock(qgis_iface, manager)

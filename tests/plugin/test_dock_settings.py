@@ -16,7 +16,7 @@ from idgbr_qgis.ui.settings_dialog import SettingsDialog, describe_health
 
 KEYS = (SETTINGS_PYTHON, config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_BAND,
         config.KEY_VOCABULARY, config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR,
-        config.KEY_PIXEL_SIZE)
+        config.KEY_PIXEL_SIZE, config.KEY_INDEX_URL)
 
 
 @pytest.fixture
@@ -83,6 +83,37 @@ def test_bad_values_are_refused_with_the_fix(keep_settings, tmp_path):
     dialog.modelCombo.setCurrentIndex(dialog.modelCombo.findData("__other__"))
     dialog.modelFile.setFilePath(str(tmp_path / "nope.safetensors"))
     assert "does not exist" in (dialog.validate() or "")
+    dialog.reject()
+
+
+def test_package_index_for_the_setup_is_saved_and_reaches_the_setup(keep_settings, monkeypatch):
+    from idgbr_qgis.ui import setup_dialog
+
+    dialog = SettingsDialog(BackendManager(locate=_no_backend))
+    dialog.indexEdit.setText("mirror.example.org")
+    dialog.accept()
+    assert dialog.result() != dialog.Accepted and "web address" in dialog.testLabel.text()
+    mirror = "https://mirror.example.org/simple"
+    dialog.indexEdit.setText(mirror)
+    # The setup opened from here installs from the index in the field, saved or not yet.
+    opened: list[str] = []
+    monkeypatch.setattr(setup_dialog.SetupDialog, "exec_", lambda self: opened.append(self._index_url) or 0)
+    dialog.open_setup()
+    assert opened == [mirror]
+    dialog.accept()
+    assert dialog.result() == dialog.Accepted
+    assert config.UserSettings.load().index_url == mirror
+    again = SettingsDialog(BackendManager(locate=_no_backend))
+    assert again.indexEdit.text() == mirror
+    # A setup opened elsewhere (the dock) uses the saved one.
+    assert setup_dialog.SetupDialog(None)._index_url == mirror
+    again.reject()
+
+
+def test_idgbr_python_in_qgis_environment_is_shown(keep_settings, monkeypatch):
+    monkeypatch.setenv("IDGBR_PYTHON", sys.executable)
+    dialog = SettingsDialog(BackendManager(locate=_no_backend))
+    assert "IDGBR_PYTHON" in dialog.pythonSourceLabel.text() and sys.executable in dialog.pythonSourceLabel.text()
     dialog.reject()
 
 

@@ -104,20 +104,22 @@ def test_explicit_python_setting_that_does_not_exist(monkeypatch, tmp_path):
 
     from idgbr_qgis import backend
 
+    monkeypatch.delenv(backend.ENV_PYTHON, raising=False)
     settings = QgsSettings()
     old = settings.value(backend.SETTINGS_PYTHON)
     settings.setValue(backend.SETTINGS_PYTHON, str(tmp_path / "nowhere" / "python"))
     try:
         with pytest.raises(backend.BackendUnavailable, match="does not exist.*Settings"):
             backend.find_python()
+        # IDGBR_PYTHON, set for one process, wins over the setting.
+        monkeypatch.setenv(backend.ENV_PYTHON, sys.executable)
+        path, source = backend.find_python()
+        assert path == Path(sys.executable) and backend.ENV_PYTHON in source
     finally:
         if old is None:
             settings.remove(backend.SETTINGS_PYTHON)
         else:
             settings.setValue(backend.SETTINGS_PYTHON, old)
-    monkeypatch.setenv(backend.ENV_PYTHON, sys.executable)
-    path, source = backend.find_python()
-    assert path == Path(sys.executable) and backend.ENV_PYTHON in source
 
 
 def test_python_candidates_order(monkeypatch):
@@ -125,7 +127,7 @@ def test_python_candidates_order(monkeypatch):
 
     monkeypatch.setenv(backend.ENV_PYTHON, "/somewhere/python")
     sources_ = [source for source, _path, _explicit in backend.python_candidates()]
-    assert backend.ENV_PYTHON in sources_[0] or "setting" in sources_[0]
+    assert backend.ENV_PYTHON in sources_[0]
     assert "checkout" in sources_[-2] and "first-run setup" in sources_[-1]
     assert backend.python_candidates()[-1][1].parent.parent == backend.profile_venv()
 

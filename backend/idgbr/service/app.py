@@ -277,7 +277,7 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
             device = device_info()
         except ImportError as exc:
             device = {"torch": None, "device": "cpu", "device_name": None,
-                      "device_reason": f"torch cannot be imported ({exc}): run `make install`"}
+                      "device_reason": f"torch cannot be imported ({exc}): install PyTorch into this Python"}
         return {
             "service": "idgbr",
             "version": idgbr.__version__,
@@ -489,8 +489,8 @@ def _check_dependencies() -> None:
         device_info()  # imports torch; also makes the first /health fast
     except ImportError as exc:
         raise ServeError(
-            f"torch cannot be imported in {sys.executable} ({exc}): run `make install`, or set up the "
-            "backend from the plugin's settings", EXIT_MISSING_DEPENDENCY) from exc
+            f"torch cannot be imported in {sys.executable} ({exc}): install PyTorch into this Python, or set "
+            "up the backend with 'Set up backend…' in the IDGBR plugin's settings", EXIT_MISSING_DEPENDENCY) from exc
 
 
 def serve(host: str = "127.0.0.1", port: int = 0, token_file: Optional[Path] = None,
