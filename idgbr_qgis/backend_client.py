@@ -45,11 +45,20 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 
 class BackendError(Exception):
-    """Something the user must act on; the message says what happened and what to do."""
+    """Something the user must act on; the message says what happened and what to do.
 
-    def __init__(self, message: str, status: Optional[int] = None) -> None:
+    When the service refused a request or a job failed, ``code`` is its machine-readable kind of error
+    (e.g. "bad_parameter"), ``parameter`` the job field at fault (e.g. "coarse", or None) and ``message``
+    the service's own words, without the request that carried them.
+    """
+
+    def __init__(self, message: str, status: Optional[int] = None, *, code: Optional[str] = None,
+                 parameter: Optional[str] = None, detail: Optional[str] = None) -> None:
         super().__init__(message)
         self.status = status  # HTTP status when the service answered with an error
+        self.code = code
+        self.parameter = parameter
+        self.message = detail if detail is not None else message
 
 
 class ServiceGone(BackendError):
@@ -292,15 +301,18 @@ class BackendClient:
         except (ValueError, OSError):
             payload = None
         detail: Any = None
-        if isinstance(payload, dict):
-            detail = payload.get("message") or payload.get("detail")
+        fields: Dict[str, Any] = payload if isinstance(payload, dict) else {}
+        detail = fields.get("message") or fields.get("detail")
         if isinstance(detail, list):
             detail = "; ".join(str(d.get("msg", d)) if isinstance(d, dict) else str(d) for d in detail)
-        detail = detail or exc.reason or "no details"
+        detail = str(detail or exc.reason or "no details")
+        code = fields.get("code") if isinstance(fields.get("code"), str) else None
+        parameter = fields.get("parameter") if isinstance(fields.get("parameter"), str) else None
         if exc.code == 401:
             return BackendError("the backend service rejected this client's token (was it restarted with "
-                                "another token?): start or connect again", status=401)
-        return BackendError(f"{method} {path} failed with HTTP {exc.code}: {detail}", status=exc.code)
+                                "another token?): start or connect again", status=401, code=code)
+        return BackendError(f"{method} {path} failed with HTTP {exc.code}: {detail}", status=exc.code, code=code,
+                            parameter=parameter, detail=detail)
 
     def _gone(self, exc: BaseException) -> ServiceGone:
         if self.process is not None and self.process.poll() is not None:
@@ -384,10 +396,12 @@ class BackendClient:
             state = status.get("state")
             if state == "succeeded":
                 return status
+            error = status.get("error") if isinstance(status.get("error"), dict) else {}
             if state == "failed":
-                raise JobFailed(str(status.get("message") or "the job failed without a message"))
+                raise JobFailed(str(status.get("message") or "the job failed without a message"),
+                                code=error.get("code"), parameter=error.get("parameter"))
             if state == "cancelled":
-                raise JobCancelled(str(status.get("message") or "the job was cancelled"))
+                raise JobCancelled(str(status.get("message") or "the job was cancelled"), code=error.get("code"))
             time.sleep(poll)
 
     def shutdown(self, timeout: float = 20.0) -> None:

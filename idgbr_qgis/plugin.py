@@ -10,7 +10,8 @@ from qgis.PyQt.QtCore import Qt
 from qgis.PyQt.QtGui import QIcon
 from qgis.PyQt.QtWidgets import QAction, QDockWidget
 
-from .backend import BackendManager
+from .backend_process import BackendManager
+from .i18n import tr
 
 MENU = "IDGBR"
 ICON = Path(__file__).resolve().parent / "resources" / "icons" / "idgbr.svg"
@@ -40,11 +41,11 @@ class IdgbrPlugin:
         if self.iface is None:
             return
         parent = self.iface.mainWindow()
-        dock_action = QAction(QIcon(str(ICON)), "IDGBR", parent)
+        dock_action = QAction(QIcon(str(ICON)), tr("IDGBR"), parent)
         dock_action.setObjectName("idgbrOpenDock")
-        dock_action.setToolTip("IDGBR: refine class boundaries on a drawn extent")
+        dock_action.setToolTip(tr("IDGBR: refine class boundaries on a drawn extent"))
         dock_action.triggered.connect(self.show_dock)
-        settings_action = QAction(QIcon(str(ICON)), "Settings…", parent)
+        settings_action = QAction(QIcon(str(ICON)), tr("Settings…"), parent)
         settings_action.setObjectName("idgbrSettings")
         settings_action.triggered.connect(self.show_settings)
         self.iface.addToolBarIcon(dock_action)
@@ -81,7 +82,8 @@ class IdgbrPlugin:
             try:
                 from .ui.dock import IdgbrDock
             except ImportError as exc:
-                self._warn(f"The IDGBR panel is not available in this installation ({exc}); reinstall the plugin.")
+                self._warn(tr("The IDGBR panel is not available in this installation ({reason}); reinstall the "
+                              "plugin.").format(reason=exc))
                 return
             self.dock = IdgbrDock(self.iface, BackendManager.instance())
             if isinstance(self.dock, QDockWidget):
@@ -93,7 +95,8 @@ class IdgbrPlugin:
         try:
             from .ui.settings_dialog import SettingsDialog
         except ImportError as exc:
-            self._warn(f"The IDGBR settings are not available in this installation ({exc}); reinstall the plugin.")
+            self._warn(tr("The IDGBR settings are not available in this installation ({reason}); reinstall the "
+                          "plugin.").format(reason=exc))
             return
         dialog = SettingsDialog(BackendManager.instance(), self.iface.mainWindow())
         dialog.exec_()

@@ -115,3 +115,15 @@ def apply_confidence_style(layer: QgsRasterLayer, band: int = 1) -> None:
     layer.setRenderer(confidence_renderer(layer, band))
     layer.triggerRepaint()
     layer.emitStyleChanged()
+
+
+# Where the refiner changed the coarse map: a strong colour over the class map; unchanged pixels are clear.
+CHANGED_COLOR = "#ff00ff"
+
+
+def apply_changes_style(layer: QgsRasterLayer, label: str = "changed", band: int = 1) -> None:
+    """Style ``layer`` (1 = changed, 0 = unchanged) so that only the changed pixels show, in CHANGED_COLOR."""
+    changed = QgsPalettedRasterRenderer.Class(1, QColor(CHANGED_COLOR), label)
+    layer.setRenderer(QgsPalettedRasterRenderer(layer.dataProvider(), band, [changed]))
+    layer.triggerRepaint()
+    layer.emitStyleChanged()

@@ -1,11 +1,13 @@
 """Builds a bundled model file from a trained refiner and (optionally) another model's coarse segmenter.
 
     python tools/assemble_model.py runs/dubai5_refiner.safetensors -o resources/models/dubai5.safetensors
-    python tools/assemble_model.py runs/binary2_refiner.safetensors --coarse runs/buildings2_coarse.safetensors \
-        -o resources/models/buildings2.safetensors
+    python tools/assemble_model.py runs/roads2_refiner.safetensors --coarse runs/other_roads_coarse.safetensors \
+        -o resources/models/other_roads.safetensors
 
-A binary refiner learns boundary repair for several foregrounds (roads, buildings), so one refiner serves
-several binary models: the coarse model supplies the classes, bands, normalisation and pixel size.
+A refiner can serve several binary models (``--coarse``): the coarse model supplies the classes, bands,
+normalisation and pixel size. The weights are stored in half precision: the plugin ZIP must stay under the
+official repository's 25 MB, and the models compute in fp32 after loading (agreement measured in
+docs/MODEL_CARD.md).
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, las
         card["training"]["refiner"] = refiner_training
         card["parts"] = ["coarse", "refiner"]
     card["name"] = out.stem
+    card["weights_dtype"] = "float16"
     save_checkpoint(out, tensors, card)
     return card
 

@@ -60,7 +60,7 @@ def bench(runs: int, size: int, work: Path) -> Dict[str, Any]:
 
     app = QgsApplication([], True)
     app.initQgis()
-    from idgbr_qgis.backend import BackendManager, development_python
+    from idgbr_qgis.backend_process import BackendManager, development_python
     from idgbr_qgis.ui import config
     from idgbr_qgis.ui.dock import IdgbrDock
 

@@ -123,7 +123,7 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
         "",
         "Selection of the defaults (score = ΔBF + ΔBoundary IoU + ΔmIoU, an mIoU loss beyond −0.005 counted "
         "ten times, mean over datasets and coarse sources on the selection images; steps first, the fewest "
-        f"within {summary.get('step_tolerance')} of the best, then the band, then the confidence):",
+        f"within {summary.get('step_tolerance')} of the best, then band and confidence together):",
         "",
         "| setting | selection score |",
         "|---|---|",

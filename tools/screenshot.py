@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     error_file.unlink(missing_ok=True)
     before = out.stat().st_mtime if out.exists() else None
     sys.path.insert(0, str(REPO))
-    from idgbr_qgis.backend import development_python
+    from idgbr_qgis.backend_process import development_python
 
     with tempfile.TemporaryDirectory(prefix="idgbr_screenshot_") as scratch:
         work = Path(scratch)

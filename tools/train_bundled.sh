@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# Trains the bundled models from scratch on the CPU: the coarse segmenters first (minutes), then the two
+# Trains the bundled models from scratch on the CPU: the coarse segmenters first (minutes), then the
 # refiners for hours, one thread each, in parallel. Tile 8 and Accra val/ are held out for validation.
 # Usage: tools/train_bundled.sh DATA ACCRA [SCALE]   (SCALE multiplies every budget; 1 = the bundled run)
 #
 # The refiners checkpoint every 5 minutes and resume: run it again with RESUME=1 to continue a run (from
 # runs/*.state.pt, or where that is gone from the shipped model files). Their schedules span ITERATIONS
-# iterations in all; HOURS ends this run's part (default 2.5).
+# iterations in all; HOURS ends this run's part (default 2.5). REFINERS picks which of them to train
+# (default all three; on two cores, two at a time train fastest).
 #   - dubai5: the 5-class refiner, on the coarse CNN's and a pixel classifier's maps of tiles 1-6 and on
 #     synthetic errors of the truth;
-#   - binary2: one binary refiner for roads2 and buildings2, on road and building scenes of Dubai and the
-#     Accra drone tiles at ~0.1 and ~0.2 m; real maps from the 5-class CNN's road and building classes.
+#   - roads2: a road refiner, on the road scenes of Dubai; real maps of the road segmenter, of the 5-class
+#     CNN's road class and of a pixel classifier;
+#   - buildings2: a building refiner, on the building scenes of Dubai and the Accra drone tiles at ~0.1 and
+#     ~0.2 m; real maps of the 5-class CNN's building class.
+# One refiner per foreground: a binary refiner shared by roads and buildings must guess from the coarse map
+# which kind of object it refines, and refined roads like buildings.
 # IDGBR_DEVICE=cuda trains on a GPU with larger batches.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -46,13 +51,20 @@ else
   cp "$MODELS/roads2.safetensors" $RUNS/roads2_coarse.safetensors
   cp "$MODELS/buildings2.safetensors" $RUNS/buildings2_coarse.safetensors
 fi
-refiner dubai5 --coarse-model $RUNS/dubai5_coarse.safetensors --pixel-classifier \
-  -o $RUNS/dubai5_refiner.safetensors > $RUNS/dubai5_refiner.log 2>&1 &
-refiner roads2 --coarse-model $RUNS/roads2_coarse.safetensors --coarse-source $RUNS/dubai5_coarse.safetensors \
-  --accra "$ACCRA" -o $RUNS/binary2_refiner.safetensors > $RUNS/binary2_refiner.log 2>&1 &
+REFINERS=${REFINERS:-dubai5 roads2 buildings2}
+for name in $REFINERS; do
+  case $name in
+    dubai5) args=(--coarse-model $RUNS/dubai5_coarse.safetensors --pixel-classifier) ;;
+    roads2) args=(--task roads --coarse-model $RUNS/roads2_coarse.safetensors
+                  --coarse-source $RUNS/dubai5_coarse.safetensors --pixel-classifier) ;;
+    buildings2) args=(--task buildings --coarse-model $RUNS/buildings2_coarse.safetensors
+                      --coarse-source $RUNS/dubai5_coarse.safetensors --accra "$ACCRA") ;;
+    *) echo "REFINERS: unknown model $name (dubai5, roads2, buildings2)" >&2; exit 2 ;;
+  esac
+  refiner "$name" "${args[@]}" -o $RUNS/${name}_refiner.safetensors > $RUNS/${name}_refiner.log 2>&1 &
+done
 wait
-"$PY" tools/assemble_model.py $RUNS/dubai5_refiner.safetensors -o $MODELS/dubai5.safetensors
-"$PY" tools/assemble_model.py $RUNS/binary2_refiner.safetensors -o $MODELS/roads2.safetensors
-"$PY" tools/assemble_model.py $RUNS/binary2_refiner.safetensors --coarse $RUNS/buildings2_coarse.safetensors \
-  -o $MODELS/buildings2.safetensors
-echo "trained: $MODELS/dubai5, roads2, buildings2 (logs in $RUNS/); next: make evaluate"
+for name in $REFINERS; do
+  "$PY" tools/assemble_model.py $RUNS/${name}_refiner.safetensors -o $MODELS/$name.safetensors
+done
+echo "trained: $REFINERS in $MODELS/ (logs in $RUNS/); next: make evaluate"

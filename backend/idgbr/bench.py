@@ -1,4 +1,5 @@
-"""`idgbr bench`: speed and memory of the full pipeline on a real mosaic and on a 20,000 x 20,000 px raster.
+"""`idgbr bench`: speed and memory of the full pipeline on a real mosaic and on a 20,000 x 20,000 px raster,
+at each precision asked for (fp32 and the device's half type side by side by default).
 
 Each measured run happens in its own child process, which reports its wall time and its own peak resident
 memory, so one run's allocations never hide in another's figure. The rasters are built in a temporary
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -30,6 +32,7 @@ KEEP_MARKER = "<!-- bench: sections below are kept when the report is rewritten 
 FINE_PIXEL_M = 0.05  # the drone-mosaic rows: the same rasters given --pixel-size 0.05
 FINE_LABEL = "{where} at 5 cm (--pixel-size 0.05)"
 CELL = 1024  # mosaic cells: whole 1024 px crops of real images, so most edges in the mosaic are real ones
+DEFAULT_PRECISIONS = "fp32,auto"  # each raster at each of these, one after the other
 
 
 # ----------------------------------------------------------------------------------------- rasters
@@ -111,7 +114,7 @@ def child_main(spec: dict) -> dict:
     options = RunOptions(input=Path(spec["input"]), output=Path(spec["output"]), mode=spec["mode"],
                          model=spec.get("model"), steps=spec.get("steps"), device=spec.get("device", "auto"),
                          extent=tuple(spec["extent"]) if spec.get("extent") else None,
-                         pixel_size=spec.get("pixel_size"))
+                         pixel_size=spec.get("pixel_size"), precision=spec.get("precision"))
     result = run(options)
     Path(spec["output"]).unlink(missing_ok=True)
     Path(str(spec["output"]) + ".aux.xml").unlink(missing_ok=True)
@@ -119,7 +122,7 @@ def child_main(spec: dict) -> dict:
             "tiles_refined": result.tiles_refined, "coarse_tiles": result.coarse_tiles,
             "tile_shape": list(result.tile_shape), "steps": result.steps, "device": result.device,
             "coarse_pixel_m": result.coarse_pixel_m, "refine_pixel_m": result.refine_pixel_m,
-            "peak_rss": _peak_rss_bytes()}
+            "precision": result.precision, "peak_rss": _peak_rss_bytes()}
 
 
 def measure(spec: dict) -> dict:
@@ -138,7 +141,7 @@ def measure(spec: dict) -> dict:
 def machine_summary(device: str) -> dict:
     import torch
 
-    info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    info: dict[str, Any] = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version()}
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -148,6 +151,7 @@ def machine_summary(device: str) -> dict:
         # Two FMA pipes per core, 2 flops per FMA: an upper bound to set achieved GFLOP/s against.
         info["peak_gflops"] = (os.cpu_count() or 1) * mhz / 1000 * 2 * lanes * 2
         info["simd"] = "AVX-512" if lanes == 16 else "AVX2" if lanes == 8 else "SSE"
+        info["bf16_units"] = "AMX" if " amx_bf16" in text else "AVX512-BF16" if " avx512_bf16" in text else ""
     except (OSError, StopIteration, ValueError):
         pass
     try:
@@ -184,12 +188,14 @@ def _rules(card: dict) -> str:
 def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[float | None, float | None],
                   settings: dict) -> str:
     seg_flops, full_flops = flops
+    if seg_flops is None or full_flops is None:  # both or neither: unknown without a coarse segmenter
+        seg_flops = full_flops = None
     lines = ["# Benchmarks", "",
              "Written by `idgbr bench --report docs/BENCHMARKS.md` (`make bench`); rerun it to refresh this file.",
              "", f"- date: {datetime.date.today().isoformat()}",
              f"- machine: {machine.get('cpu')}, {machine.get('cores')} cores"
-             + (f" ({machine['simd']}, estimated fp32 peak {machine['peak_gflops']:.0f} GFLOP/s)"
-                if "peak_gflops" in machine else "")
+             + (f" ({machine['simd']}{', ' + machine['bf16_units'] if machine.get('bf16_units') else ''}, estimated "
+                f"fp32 peak {machine['peak_gflops']:.0f} GFLOP/s)" if "peak_gflops" in machine else "")
              + (f", {machine['ram_gb']:.0f} GB RAM" if "ram_gb" in machine else "")
              + (f", GPU {machine['gpu']}" if "gpu" in machine else ""),
              f"- software: Python {machine.get('python')}, PyTorch {machine.get('torch')} "
@@ -197,39 +203,45 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
              f"- model: {card.get('name')} (tile {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
              f"sampling steps {settings['steps']}, {_rules(card)})",
              f"- device: {settings['device']}", ""]
-    if seg_flops is not None:
+    if seg_flops is not None and full_flops is not None:
         lines += [f"Model cost: **{seg_flops / 1e9:.1f} GFLOPs per megapixel** for the coarse segmenter, "
                   f"**{full_flops / 1e9:.1f} GFLOPs per megapixel** for coarse + refiner ({settings['steps']} "
                   "sampling steps), per megapixel the networks see (tile overlap and tiles skipped by the refiner "
-                  "change what an output megapixel costs; the last column is the rate the run achieved).", ""]
-    lines += ["| raster | processed | mode | s/MP | MP/s | tiles refined | peak RSS (GB) | achieved GFLOP/s | load |",
-              "|---|---|---|---|---|---|---|---|---|"]
+                  "change what an output megapixel costs; the achieved GFLOP/s column is the rate the run "
+                  "reached).", ""]
+    lines += ["| raster | processed | mode | precision | s/MP | MP/s | tiles refined | peak RSS (GB) "
+              "| achieved GFLOP/s | load |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mp = r["width"] * r["height"] / 1e6
         s_per_mp = r["seconds"] / mp
         refined = (f"{r['tiles_refined']}/{r['tiles']} ({100 * r['tiles_refined'] / max(1, r['tiles']):.0f} %)"
                    if r["mode"] == "refine" else "-")
         achieved = "-"
-        if seg_flops is not None:
+        if seg_flops is not None and full_flops is not None:
             area = r["tile_shape"][0] * r["tile_shape"][1] / 1e6
             work = r["coarse_tiles"] * area * seg_flops
             if r["mode"] == "refine":
                 work += r["tiles_refined"] * area * (full_flops - seg_flops)
             achieved = f"{work / r['seconds'] / 1e9:.0f}"
         lines.append(f"| {r['label']} | {r['width']} x {r['height']} ({mp:.1f} MP) | {r['mode']} | "
-                     f"{s_per_mp:.2f} | {1 / s_per_mp:.2f} | {refined} | {_gb(r['peak_rss'])} | {achieved} | "
+                     f"{r.get('precision', 'fp32')} | {s_per_mp:.2f} | {1 / s_per_mp:.2f} | {refined} | "
+                     f"{_gb(r['peak_rss'])} | {achieved} | "
                      f"{'n/a' if r.get('load') is None else format(r['load'], '.1f')} |")
     refine_rows = [r for r in rows if r["mode"] == "refine"]
     if refine_rows and not str(settings["device"]).startswith("cpu"):
         lines += ["", f"The targets ({TARGET_S_PER_MP} s/MP, {TARGET_RSS_GB} GB) are for the 2-core CPU; this run "
                   f"used {settings['device']} (peak RSS includes the CUDA libraries)."]
     elif refine_rows:
-        worst = max(r["seconds"] / (r["width"] * r["height"] / 1e6) for r in refine_rows)
-        peak = max((r["peak_rss"] or 0) for r in rows)
-        lines += ["", f"Targets (2-core CPU, default settings): segment + refine <= {TARGET_S_PER_MP} s/MP — "
-                  f"measured {worst:.2f} s/MP ({'met' if worst <= TARGET_S_PER_MP else 'NOT met'}); peak RSS <= "
-                  f"{TARGET_RSS_GB} GB — measured {peak / 1e9:.2f} GB "
-                  f"({'met' if peak <= TARGET_RSS_GB * 1e9 else 'NOT met'})."]
+        lines.append("")
+        for precision in dict.fromkeys(r.get("precision", "fp32") for r in rows):
+            own = [r for r in refine_rows if r.get("precision", "fp32") == precision]
+            worst = max(r["seconds"] / (r["width"] * r["height"] / 1e6) for r in own)
+            peak = max((r["peak_rss"] or 0) for r in rows if r.get("precision", "fp32") == precision)
+            lines.append(f"Targets (2-core CPU, default settings) at {precision}: segment + refine <= "
+                         f"{TARGET_S_PER_MP} s/MP — measured {worst:.2f} s/MP "
+                         f"({'met' if worst <= TARGET_S_PER_MP else 'NOT met'}); peak RSS <= {TARGET_RSS_GB} GB — "
+                         f"measured {peak / 1e9:.2f} GB ({'met' if peak <= TARGET_RSS_GB * 1e9 else 'NOT met'}).")
     lines += ["", "What is measured:", "",
               "- s/MP: wall time of one `idgbr` run (model loading included, Python start-up excluded) divided "
               "by the output megapixels; each run is a separate child process and peak RSS is that process's "
@@ -248,6 +260,9 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
               "valid at; the result is written on the input's grid. s/MP counts the input's megapixels, so "
               "these rows show that the cost follows the working resolution, and the whole-raster row that "
               "the resampled pass streams (its peak RSS stays near the mosaic's).",
+              "- precision: the number format of the networks (`--precision`); the refiner's rules, the blending "
+              "and the confidence gate are fp32 in every row. Each raster runs at each precision one right after "
+              "the other, so the two rows share the machine's conditions.",
               "- load: the machine's 1-minute load average when the run ended; above the number of cores, other "
               "work shared the CPU and the timing is pessimistic.",
               "- tiles refined: tiles whose coarse map has a class boundary go through the refiner; the others "
@@ -269,6 +284,18 @@ def write_report(path: Path, text: str) -> None:
 
 # ----------------------------------------------------------------------------------------- command
 
+def bench_precisions(text: str, device: str) -> list[str]:
+    """The precisions of a --precision list ("fp32,auto") as runs on ``device`` use them, each once."""
+    from .model_bundle import select_device
+    from .precision import resolve_precision
+
+    where = select_device(device)
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise IdgbrError("--precision needs at least one of auto, fp32, bf16, fp16 (e.g. fp32,bf16).")
+    return list(dict.fromkeys(resolve_precision(name, where) for name in names))
+
+
 def run_bench(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
@@ -277,6 +304,7 @@ def run_bench(args: argparse.Namespace) -> int:
         raise IdgbrError("--mosaic-size below 4000 px is under 16 MP; add --small to allow it (wiring tests).")
     seg_flops, full_flops, card = model_flops(args.model, args.steps)
     steps = args.steps or int(card.get("sampler", {}).get("steps", 4))
+    precisions = bench_precisions(args.precision, args.device)
     machine = machine_summary(args.device)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="idgbr-bench-", dir=args.workdir) as tmp:
@@ -285,7 +313,8 @@ def run_bench(args: argparse.Namespace) -> int:
         say(f"building the {args.mosaic_size} px mosaic from {data} ...")
         mosaic = build_mosaic(data, work / "mosaic.tif", args.mosaic_size)
         base = {"model": args.model, "steps": args.steps, "device": args.device}
-        plans = [("mosaic", mosaic, "segment", None, None), ("mosaic", mosaic, "refine", None, None),
+        plans: list[tuple[str, Path, str, list[float] | None, float | None]] = [
+                 ("mosaic", mosaic, "segment", None, None), ("mosaic", mosaic, "refine", None, None),
                  # The same pixels taken for 5 cm ones: the model works on a resampled copy, so the
                  # cost follows the working resolution, not the input's megapixels.
                  (FINE_LABEL.format(where="mosaic"), mosaic, "segment", None, FINE_PIXEL_M),
@@ -299,17 +328,19 @@ def run_bench(args: argparse.Namespace) -> int:
                 top = (src.height - args.large_rows) // 2
                 b = src.bounds
                 res = src.res[1]
-                extent = [b.left, b.top - (top + args.large_rows) * res, b.right, b.top - top * res]
-            plans.append(("large (full-width band)", large, "refine", extent, None))
+                band_extent = [b.left, b.top - (top + args.large_rows) * res, b.right, b.top - top * res]
+            plans.append(("large (full-width band)", large, "refine", band_extent, None))
             # All of it at 5 cm: the resampled coarse pass streams, so its peak RSS stays that of the mosaic's.
             plans.append((FINE_LABEL.format(where="large, whole raster"), large, "segment", None, FINE_PIXEL_M))
         for label, raster, mode, extent, pixel_size in plans:
-            say(f"running {mode} on {label} ...")
-            spec = {**base, "label": label, "input": str(raster), "output": str(work / "out.tif"), "mode": mode,
-                    "extent": extent, "pixel_size": pixel_size}
-            row = measure(spec)
-            rows.append(row)
-            say(f"  {row['width']} x {row['height']} px: {row['seconds']:.1f} s, peak RSS {_gb(row['peak_rss'])} GB")
+            for precision in precisions:
+                say(f"running {mode} on {label} at {precision} ...")
+                spec = {**base, "label": label, "input": str(raster), "output": str(work / "out.tif"), "mode": mode,
+                        "extent": extent, "pixel_size": pixel_size, "precision": precision}
+                row = measure(spec)
+                rows.append(row)
+                say(f"  {row['width']} x {row['height']} px: {row['seconds']:.1f} s, peak RSS "
+                    f"{_gb(row['peak_rss'])} GB")
     settings = {"steps": steps, "device": rows[0]["device"] if rows else args.device,
                 "mosaic_size": args.mosaic_size, "large_size": args.large_size, "large_rows": args.large_rows}
     text = render_report(rows, machine, card, (seg_flops, full_flops), settings)
@@ -336,6 +367,10 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--model", help="model file or bundled name (default dubai5)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model card's)")
+    parser.add_argument("--precision", default=DEFAULT_PRECISIONS, metavar="LIST",
+                        help="comma-separated precisions of the networks to measure, each raster at each "
+                             f"(auto, fp32, bf16, fp16; default {DEFAULT_PRECISIONS}: auto is bf16 on CPUs with "
+                             "AMX or AVX512-BF16, a half type on GPUs, else fp32, which then runs once)")
     parser.add_argument("--mosaic-size", type=int, default=4096, help="mosaic side in px (default 4096: 16.8 MP)")
     parser.add_argument("--large-size", type=int, default=20000, help="large raster side in px (default 20000)")
     parser.add_argument("--large-rows", type=int, default=1024,

@@ -29,7 +29,10 @@ def save_checkpoint(path: Path, tensors: dict[str, torch.Tensor], card: dict) ->
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     card = {**card, "format": FORMAT}
-    contiguous = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    # A card with "weights_dtype": "float16" (the shipped models) keeps its weights in half precision.
+    half = card.get("weights_dtype") == "float16"
+    contiguous = {name: (t.half() if half and t.is_floating_point() else t).detach().cpu().contiguous()
+                  for name, t in tensors.items()}
     handle, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     os.close(handle)
     try:
@@ -196,13 +199,15 @@ def _validate_architecture(arch: Any, k: int, channels: int, where: Any, bad: An
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
-    """Weights (on the CPU) and card of a model file."""
+    """Weights (on the CPU, float16 ones widened to float32) and card of a model file."""
     card = read_card(path)
     try:
         tensors = {}
         with safe_open(str(path), framework="pt") as handle:
             for name in handle.keys():  # noqa: SIM118 (safe_open is not a dict)
-                tensors[name] = handle.get_tensor(name)
+                tensor = handle.get_tensor(name)
+                # Shipped weights are stored in half precision (half the download); models compute in fp32.
+                tensors[name] = tensor.float() if tensor.dtype == torch.float16 else tensor
     except Exception as exc:
         raise IdgbrError(f"The weights in {path} cannot be read ({exc}); the file is probably truncated. "
                          "Copy it again or use the bundled model.") from exc

@@ -57,11 +57,11 @@ def load_accra(root: Path, split: str, factor: int, limit: int = 0) -> list[Scen
     scenes = []
     for image_path in images:
         image = Image.open(image_path).convert("RGB")
-        mask = Image.open(folder / "masks" / (image_path.stem + ".png"))
+        mask: Image.Image = Image.open(folder / "masks" / (image_path.stem + ".png"))
         size = (image.width // factor, image.height // factor)
         if factor > 1:
-            image = image.resize(size, Image.BOX)
-            mask = mask.resize(size, Image.NEAREST)
+            image = image.resize(size, Image.Resampling.BOX)
+            mask = mask.resize(size, Image.Resampling.NEAREST)
         labels = np.array(mask, dtype=np.uint8)
         labels[labels > 1] = IGNORE_ID
         scenes.append(Scene(f"accra/{split}/{image_path.stem}@{factor}", np.array(image), labels))

@@ -52,9 +52,9 @@ def render_preview(image: np.ndarray, coarse: np.ndarray, refined: np.ndarray, c
     height, width = coarse.shape
     scale = panel / max(height, width)
     size = (max(1, round(width * scale)), max(1, round(height * scale)))
-    panels = [Image.fromarray(image).resize(size, Image.LANCZOS),
-              Image.fromarray(colorize(coarse, classes)).resize(size, Image.NEAREST),
-              Image.fromarray(colorize(refined, classes)).resize(size, Image.NEAREST)]
+    panels = [Image.fromarray(image).resize(size, Image.Resampling.LANCZOS),
+              Image.fromarray(colorize(coarse, classes)).resize(size, Image.Resampling.NEAREST),
+              Image.fromarray(colorize(refined, classes)).resize(size, Image.Resampling.NEAREST)]
     gap, title_h, legend_h = 12, 30, 40
     canvas = Image.new("RGB", (3 * size[0] + 4 * gap, title_h + size[1] + legend_h + gap), "white")
     draw = ImageDraw.Draw(canvas)

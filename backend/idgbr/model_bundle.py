@@ -16,6 +16,7 @@ from .models.coarse import CoarseConfig, CoarseNet
 from .models.diffusion import position_noise
 from .models.fcn import FCN_KIND, FcnConfig, FcnNet
 from .models.refiner import Refiner, RefinerConfig
+from .precision import autocast, resolve_precision
 
 DEFAULT_MODEL = "dubai5"
 
@@ -58,39 +59,47 @@ def select_device(requested: str = "auto") -> torch.device:
     if requested == "cuda" and not torch.cuda.is_available():
         raise IdgbrError(f"CUDA was requested but this backend's PyTorch ({torch.__version__}) cannot use a GPU "
                          f"({'no CUDA build' if torch.version.cuda is None else 'no CUDA device found'}). "
-                         "Choose device 'auto' or 'cpu', or install a CUDA build of PyTorch in the backend.")
+                         "Choose device 'auto' or 'cpu', or install a CUDA build of PyTorch in the backend.",
+                         "device")
     if requested == "mps" and not has_mps:
-        raise IdgbrError("Apple MPS was requested but is not available here. Choose device 'auto' or 'cpu'.")
+        raise IdgbrError("Apple MPS was requested but is not available here. Choose device 'auto' or 'cpu'.",
+                         "device")
     if requested not in ("cpu", "cuda", "mps"):
-        raise IdgbrError(f"Unknown device {requested!r}: use auto, cpu, cuda or mps.")
+        raise IdgbrError(f"Unknown device {requested!r}: use auto, cpu, cuda or mps.", "device")
     return torch.device(requested)
 
 
 class ModelBundle:
     """Inference wrapper. Images are (B, C, H, W) float32 normalised; H and W multiples of size_multiple."""
 
-    def __init__(self, card: dict, coarse: CoarseNet | None, refiner: Refiner | None, device: torch.device,
+    def __init__(self, card: dict, coarse: torch.nn.Module | None, refiner: Refiner | None, device: torch.device,
                  source: Path | None = None) -> None:
         self.card = card
         self.device = device
         self.source = source
         memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.memory_format = memory_format
-        self.coarse = coarse.to(device, memory_format=memory_format).eval() if coarse else None
-        self.refiner = refiner.to(device, memory_format=memory_format).eval() if refiner else None
+        # torch's type stubs lack Module.to(memory_format=...), which PyTorch accepts.
+        self.coarse = coarse.to(device, memory_format=memory_format).eval() if coarse else None  # type: ignore[call-overload]
+        self.refiner = refiner.to(device, memory_format=memory_format).eval() if refiner else None  # type: ignore[call-overload]
 
     @property
     def num_classes(self) -> int:
         return int(self.card["num_classes"])
 
-    def _autocast(self) -> contextlib.AbstractContextManager:
-        # Half precision on CUDA for the networks; the sampler's arithmetic stays float32.
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.float16)
-        return contextlib.nullcontext()
+    def _autocast(self, precision: str | None) -> contextlib.AbstractContextManager:
+        """The networks' autocast for ``precision`` (idgbr.precision; None: the device's default)."""
+        return autocast(resolve_precision(precision, self.device), self.device)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return self._to_device(images).contiguous(memory_format=self.memory_format)
+
+    def _to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # Page-locked host memory: the copy to the GPU then runs without a staging copy and without
+            # blocking the host.
+            tensor = tensor.pin_memory()
+        return tensor.to(self.device, non_blocking=True)
 
     def normalize(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Pixels in 8-bit units, (C, H, W) or (B, C, H, W) -> normalised float32 tensor on the CPU."""
@@ -101,19 +110,22 @@ class ModelBundle:
         return normalize(tensor, norm["mean"], norm["std"])
 
     @torch.inference_mode()
-    def segment(self, images: torch.Tensor) -> torch.Tensor:
-        """Coarse class logits (B, K, H, W), float32 on the model's device."""
+    def segment(self, images: torch.Tensor, precision: str | None = None) -> torch.Tensor:
+        """Coarse class logits (B, K, H, W), float32 on the model's device; ``precision`` of the network: fp32,
+        bf16, fp16, auto or None for the device's default (idgbr.precision)."""
         if self.coarse is None:
             raise IdgbrError("This model file has no coarse segmenter; give a coarse map (--coarse) instead.")
-        with self._autocast():
+        with self._autocast(precision):
             return self.coarse(self._prepare(images)).float()
 
     @torch.inference_mode()
     def refine(self, images: torch.Tensor, coarse_ids: torch.Tensor, origins: list[tuple[int, int]], *,
                steps: int | None = None, seed: int | None = None, band: int | None = None,
-               vocabulary: int | None = None, strength: float | None = None) -> torch.Tensor:
-        """Refined class logits (B, K, H, W) under the band and vocabulary rules (-1 = rule off);
-        None takes the card's sampler default."""
+               vocabulary: int | None = None, strength: float | None = None, precision: str | None = None
+               ) -> torch.Tensor:
+        """Refined class logits (B, K, H, W), float32, under the band and vocabulary rules (-1 = rule off);
+        None takes the card's sampler default. ``precision`` is that of the networks (see ``segment``); the
+        sampler's own arithmetic is float32."""
         if self.refiner is None:
             raise IdgbrError("This model file has no refiner; use segment mode or another model.")
         sampler = self.card.get("sampler", {})
@@ -125,10 +137,10 @@ class ModelBundle:
         if steps < 1 or steps > 100:
             raise IdgbrError(f"steps must be between 1 and 100 (got {steps}).")
         batch, _, height, width = images.shape
-        noise = torch.stack([position_noise(seed, origin, (self.num_classes, height, width))
-                             for origin in origins[:batch]]).to(self.device)
-        with self._autocast():
-            logits = self.refiner.sample(self._prepare(images), coarse_ids.to(self.device), noise, steps,
+        noise = torch.stack([position_noise(seed, origin, (self.num_classes, height, width), self.device)
+                             for origin in origins[:batch]])
+        with self._autocast(precision):
+            logits = self.refiner.sample(self._prepare(images), self._to_device(coarse_ids), noise, steps,
                                          strength, band, vocabulary)
         return logits.float()
 

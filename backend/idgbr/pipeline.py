@@ -16,8 +16,9 @@ from typing import Callable
 from rasterio.windows import Window
 
 from . import __version__
-from .errors import Cancelled, IdgbrError
+from .errors import Cancelled, IdgbrError, blame
 from .model_bundle import load_bundle
+from .precision import check_precision, precision_note, resolve_precision
 from .raster.bands import make_scaler, select_bands
 from .raster.engine import Engine, EngineConfig, EngineStats
 from .raster.io import (
@@ -45,6 +46,7 @@ MODES = ("refine", "segment")
 MAX_TILE = 4096
 MAX_RULE_PX = 1024  # largest band / vocabulary radius
 BLOCK_WIDTH = 8192  # column block width: bounds buffer memory for very wide rasters
+IO_THREAD = True  # the engine reads and writes on a background thread (tests compare with False)
 # Test hook: with this variable set to a file path, a run creates that file once its temporary outputs exist
 # and then waits there until it is cancelled or interrupted (at most HOLD_LIMIT_S), so tests can stop a run
 # at a known point instead of guessing how long it takes.
@@ -58,7 +60,7 @@ class RunOptions:
     output: Path
     mode: str = "refine"  # "refine" | "segment"
     coarse: Path | None = None  # class-id raster from any model; refine only
-    model: Path | None = None  # None -> bundled dubai5
+    model: str | Path | None = None  # a bundled model's name or a bundle file; None -> bundled dubai5
     steps: int | None = None  # None -> card["sampler"]["steps"]
     device: str = "auto"  # auto | cpu | cuda | mps
     bands: list[int] | None = None  # 1-based input bands in the model's band order
@@ -72,6 +74,7 @@ class RunOptions:
     confidence: Path | None = None  # refine: also write the float32 confidence GeoTIFF here
     seed: int = 0
     pixel_size: float | None = None  # INPUT's metres per pixel; None -> from its georeference (idgbr.resolution)
+    precision: str | None = None  # of the networks: auto | fp32 | bf16 | fp16; None -> the device's default
 
 
 @dataclass
@@ -102,6 +105,7 @@ class RunResult:
     input_pixel_m: float = 0.0
     coarse_pixel_m: float = 0.0  # 0.0 with --coarse (no coarse pass)
     refine_pixel_m: float = 0.0  # 0.0 in segment mode
+    precision: str = "fp32"  # the networks' precision in this run: fp32, bf16 or fp16 (auto resolved)
 
     @property
     def megapixels(self) -> float:
@@ -127,40 +131,46 @@ def default_batch(device_type: str) -> int:
     return 8 if device_type == "cuda" else 1
 
 
-def _check_int(name: str, value: int | None, low: int, high: int, flag: str, hint: str = "") -> None:
+def _check_int(name: str, value: int | None, low: int, high: int, flag: str, hint: str = "",
+               parameter: str | None = None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-        raise IdgbrError(f"{name} must be a whole number from {low} to {high}{hint} (got {value!r}); fix {flag}.")
+        raise IdgbrError(f"{name} must be a whole number from {low} to {high}{hint} (got {value!r}); fix {flag}.",
+                         parameter or name)
 
 
-def _check_probability(name: str, value: float | None, flag: str, hint: str = "") -> None:
+def _check_probability(name: str, value: float | None, flag: str, hint: str = "",
+                       parameter: str | None = None) -> None:
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-        raise IdgbrError(f"{name} must be a number from 0 to 1{hint} (got {value!r}); fix {flag}.")
+        raise IdgbrError(f"{name} must be a number from 0 to 1{hint} (got {value!r}); fix {flag}.", parameter or name)
 
 
 def _validate(options: RunOptions) -> None:
     if options.mode not in MODES:
-        raise IdgbrError(f"Unknown mode {options.mode!r}: use 'refine' or 'segment'.")
+        raise IdgbrError(f"Unknown mode {options.mode!r}: use 'refine' or 'segment'.", "mode")
     if options.mode == "segment" and options.coarse is not None:
-        raise IdgbrError("A coarse map is only used by refine; drop --coarse or run 'idgbr refine'.")
+        raise IdgbrError("A coarse map is only used by refine; drop --coarse or run 'idgbr refine'.", "coarse")
     _check_int("steps", options.steps, 1, 100, "--steps")
     _check_int("tile", options.tile, 16, MAX_TILE, "--tile")
     _check_int("overlap", options.overlap, 0, MAX_TILE // 2, "--overlap")
     _check_int("band", options.band, -1, MAX_RULE_PX, "--band", " (-1 or 'off': rule off)")
     _check_int("vocabulary", options.vocabulary, -1, MAX_RULE_PX, "--vocabulary", " (-1 or 'off': rule off)")
-    _check_probability("min confidence", options.min_confidence, "--min-confidence", " (0: gate off)")
+    _check_probability("min confidence", options.min_confidence, "--min-confidence", " (0: gate off)",
+                       "min_confidence")
     _check_int("seed", options.seed, 0, 2**31 - 1, "--seed")
-    check_pixel_size_option(options.pixel_size)
+    with blame("pixel_size"):
+        check_pixel_size_option(options.pixel_size)
+    check_precision(options.precision)
     if options.confidence is not None:
         if options.mode != "refine":
             raise IdgbrError("The confidence output is the refiner's: segment mode has none. Drop --confidence "
-                             "or run 'idgbr refine'.")
+                             "or run 'idgbr refine'.", "confidence")
         if same_file(options.confidence, options.output):
             raise IdgbrError(f"--confidence and OUTPUT are the same file ({options.output}); give the confidence "
-                             "its own file name, e.g. confidence.tif.")
+                             "its own file name, e.g. confidence.tif.", "confidence")
 
 
 def _sampler_rules(card: dict, options: RunOptions) -> tuple[int, int, float]:
@@ -255,10 +265,11 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
         staged = (coarse_grid.width, coarse_grid.height) != (final_grid.width, final_grid.height)
     _hold_for_tests(cancel)
     with contextlib.ExitStack() as stack:
-        source = coarse
+        source: CoarseSource | GridCoarse | None = coarse
         coarse_tiles = None
         final_start, final_share = 0.0, 1.0
         if staged:
+            assert final_grid is not None  # staged only when the refiner works on a grid of its own
             # The coarse pass alone on its grid, into a temporary class-id map.
             c_src, c_window = coarse_grid, Window(0, 0, coarse_grid.width, coarse_grid.height)
             temp = stack.enter_context(GeoTiffWriter(
@@ -279,6 +290,8 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
             final_start, final_share = share, 1.0 - share
         elif coarse is not None and final_grid is not None:
             source = GridCoarse(coarse, None, final_grid)  # the user's map on INPUT's grid, read on the refiner's
+        out: GeoTiffWriter | UpsampledWriter
+        conf_out: GeoTiffWriter | UpsampledWriter | None
         if final_grid is None:
             f_src, f_window, out, conf_out = src, window, writer, confidence_writer
         else:
@@ -286,8 +299,10 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
             out = UpsampledWriter(writer, final_grid, NODATA, bands, masked, count_classes=True)
             conf_out = (UpsampledWriter(confidence_writer, final_grid, CONFIDENCE_NODATA, bands, masked)
                         if confidence_writer is not None else None)
-        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source, config, out,
-                        _staged_progress(progress, final_start, final_share), cancel, confidence_writer=conf_out)
+        # Engine takes any coarse source and row writer of these kinds; its annotations name only the plain ones.
+        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source,  # type: ignore[arg-type]
+                        config, out, _staged_progress(progress, final_start, final_share),  # type: ignore[arg-type]
+                        cancel, confidence_writer=conf_out)  # type: ignore[arg-type]
         stats = engine.run()
         for upsampled in (out, conf_out):
             if isinstance(upsampled, UpsampledWriter):
@@ -295,7 +310,9 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
     if coarse_tiles is not None:
         stats.coarse_tiles = coarse_tiles
     if final_grid is not None:
+        assert isinstance(out, UpsampledWriter)  # the rows reached INPUT's grid through it
         hist = out.class_hist
+        assert hist is not None  # count_classes=True
         stats.class_pixels = {i: int(n) for i, n in enumerate(hist[: int(bundle.card["num_classes"])]) if n}
         stats.nodata_pixels = int(hist[NODATA])
         # Counted on the refiner's grid; in INPUT pixels, about that times the pixels per working pixel.
@@ -312,32 +329,45 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
     input_path, output = Path(options.input), Path(options.output)
     coarse_path = Path(options.coarse) if options.coarse is not None else None
     confidence_path = Path(options.confidence) if options.confidence is not None else None
-    with gdal_env(), open_raster(input_path) as src:
-        check_output(output, [("INPUT", input_path), ("the coarse map", coarse_path)])
+    others = [(name, path) for name, path in (("INPUT", input_path), ("the coarse map", coarse_path))
+              if path is not None]
+    with contextlib.ExitStack() as opened:
+        opened.enter_context(gdal_env())
+        with blame("input"):
+            src = opened.enter_context(open_raster(input_path))
+        with blame("output"):
+            check_output(output, others)
         if confidence_path is not None:
-            check_output(confidence_path, [("INPUT", input_path), ("the coarse map", coarse_path)],
-                         what="the confidence output (--confidence)")
+            with blame("confidence"):
+                check_output(confidence_path, others, what="the confidence output (--confidence)")
         notes = _clean_folders([p for p in (output, confidence_path) if p is not None])
-        bundle = load_bundle(options.model, options.device)
+        with blame("model"):  # device errors name "device" themselves
+            bundle = load_bundle(options.model, options.device)
+        precision = resolve_precision(options.precision, bundle.device)
         card = bundle.card
         if options.mode == "segment" and bundle.coarse is None:
             raise IdgbrError("This model has no coarse segmenter, so it cannot segment; use refine with a coarse "
-                             "map (--coarse) or another model.")
+                             "map (--coarse) or another model.", "model")
         if options.mode == "refine" and bundle.refiner is None:
-            raise IdgbrError("This model has no refiner; use 'segment' mode or another model.")
+            raise IdgbrError("This model has no refiner; use 'segment' mode or another model.", "model")
         if options.mode == "refine" and coarse_path is None and bundle.coarse is None:
-            raise IdgbrError("This model has no coarse segmenter: give a coarse class map with --coarse.")
-        bands = select_bands(src.count, card, options.bands)
-        window, extent_note = extent_window(src, options.extent, options.extent_crs)
+            raise IdgbrError("This model has no coarse segmenter: give a coarse class map with --coarse.", "coarse")
+        with blame("bands"):
+            bands = select_bands(src.count, card, options.bands)
+        with blame("extent"):
+            window, extent_note = extent_window(src, options.extent, options.extent_crs)
         notes += _notes_for_crs(src)
         if extent_note:
             notes.append(extent_note)
-        plan, resolution_notes = _resolution(src, window, card, options)
+        # Unusable sizes: the fix is PIXEL_SIZE when one was given or is offered, else finer imagery (INPUT).
+        with blame("pixel_size" if options.pixel_size is not None else "input"):
+            plan, resolution_notes = _resolution(src, window, card, options)
         notes += resolution_notes
         model_coarse = coarse_path is None
         coarse_m = plan.coarse_m if model_coarse else 0.0
         refine_m = plan.refine_m if options.mode == "refine" else 0.0
         notes.append(plan.summary(options.mode, segmented=model_coarse))
+        notes.append(precision_note(options.precision, precision, bundle.device))
         scaler = make_scaler(src, bands)
         if scaler.note:
             notes.append(scaler.note)
@@ -348,28 +378,29 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         overlap = int(card.get("overlap", 64)) if options.overlap is None else options.overlap
         if overlap * 2 > tile:
             raise IdgbrError(f"--overlap {overlap} is more than half the tile size {tile}; give an overlap "
-                             f"from 0 to {tile // 2}.")
+                             f"from 0 to {tile // 2}.", "overlap")
         sampler = card.get("sampler", {})
         steps = int(sampler.get("steps", 4)) if options.steps is None else options.steps
         band, vocabulary, min_confidence = _sampler_rules(card, options)
         config = EngineConfig(mode=options.mode, tile=tile, overlap=overlap,
                               batch=default_batch(bundle.device.type), steps=steps, seed=options.seed,
                               band=band, vocabulary=vocabulary, min_confidence=min_confidence,
-                              max_block_width=BLOCK_WIDTH)
+                              max_block_width=BLOCK_WIDTH, precision=precision, io_thread=IO_THREAD)
         coarse = None
         try:
             if coarse_path is not None:
-                coarse = CoarseSource(coarse_path, src, int(card["num_classes"]))
+                with blame("coarse"):
+                    coarse = CoarseSource(coarse_path, src, int(card["num_classes"]))
+                    coverage_note = coarse.coverage(window)
+                    coarse.validate(window)
                 if coarse.resampled:
                     notes.append(f"The coarse map {coarse_path.name} is on another grid: resampled (nearest) to "
                                  + (f"the refiner's {metres(plan.refine_m)} m grid over INPUT."
                                     if plan.refine_resampled else "INPUT's grid."))
                     log.info(notes[-1])
-                coverage_note = coarse.coverage(window)
                 if coverage_note:
                     notes.append(coverage_note)
                     log.info(coverage_note)
-                coarse.validate(window)
             tags = {"IDGBR_MODEL": str(card.get("name", "")), "IDGBR_MODE": options.mode,
                     "IDGBR_STEPS": str(steps if options.mode == "refine" else 0), "IDGBR_SEED": str(options.seed),
                     "IDGBR_VERSION": __version__, "IDGBR_INPUT": input_path.name}
@@ -377,7 +408,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                 tags.update(IDGBR_BAND=str(band), IDGBR_VOCABULARY=str(vocabulary),
                             IDGBR_MIN_CONFIDENCE=f"{min_confidence:g}")
             tags.update(IDGBR_INPUT_PIXEL_M=f"{plan.input_m:g}", IDGBR_COARSE_PIXEL_M=f"{coarse_m:g}",
-                        IDGBR_REFINE_PIXEL_M=f"{refine_m:g}")
+                        IDGBR_REFINE_PIXEL_M=f"{refine_m:g}", IDGBR_PRECISION=precision)
             with contextlib.ExitStack() as outputs:
                 writer = outputs.enter_context(OutputWriter(output, src, window, list(card["classes"]), tags))
                 confidence_writer = None
@@ -397,7 +428,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         steps=steps if options.mode == "refine" else 0, classes=list(card["classes"]),
         class_pixels=stats.class_pixels, nodata_pixels=stats.nodata_pixels, notes=notes,
         coarse_tiles=stats.coarse_tiles, tile_shape=stats.tile_shape, input_pixel_m=plan.input_m,
-        coarse_pixel_m=coarse_m, refine_pixel_m=refine_m)
+        coarse_pixel_m=coarse_m, refine_pixel_m=refine_m, precision=precision)
     if options.mode == "refine":
         result.band, result.vocabulary, result.min_confidence = band, vocabulary, min_confidence
         result.changed_pixels = stats.changed_pixels

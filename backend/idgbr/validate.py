@@ -37,8 +37,9 @@ from .models.constraints import allowed_classes, constrain_logits, gate_changes
 from .train import pad_to_multiple, predict_scene
 
 STEP_CHOICES = (1, 2)  # each further step costs 42 GFLOP/MP more; 3+ are not swept (validation time)
-BAND_CHOICES = (4, 8, 12, 16)  # the vocabulary radius equals the band
-CONFIDENCE_CHOICES = (0.0, 0.5, 0.6, 0.7, 0.8)
+BAND_CHOICES = (4, 8, 16)  # the vocabulary radius equals the band
+# Below 0.5 the gate lets through changes the refiner itself finds less likely than the coarse class.
+CONFIDENCE_CHOICES = (0.5, 0.6, 0.7, 0.8, 0.9)
 STEP_TOLERANCE = 0.005  # fewer steps are preferred unless more steps gain more than this
 MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this
 
@@ -151,8 +152,9 @@ def selection_score(result: dict, base: dict) -> float:
 
 
 def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict], log) -> tuple[dict, dict]:
-    """Pick steps, then band, then minimum confidence, each by the mean selection score over every dataset
-    and coarse source on the selection images, the others held at their current choice.
+    """Pick the steps (at a middle band and gate), then band and minimum confidence together (they trade
+    against each other: a wide band needs a stricter gate), by the mean selection score over every dataset
+    and coarse source on the selection images.
 
     Each step count is sampled once with the widest band; narrower bands and the gate are applied to its
     logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
@@ -188,12 +190,10 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
                 for s in STEP_CHOICES}
     best = max(by_steps.values())
     steps = min(s for s, v in by_steps.items() if v >= best - STEP_TOLERANCE)
-    by_band = {b: record(f"steps={steps} band={b} min_confidence={conf}", mean_score(steps, b, conf))
-               for b in BAND_CHOICES}
-    band = max(by_band, key=by_band.get)
-    by_conf = {c: record(f"steps={steps} band={band} min_confidence={c}", mean_score(steps, band, c))
-               for c in CONFIDENCE_CHOICES}
-    conf = max(by_conf, key=by_conf.get)
+    joint = {(b, c): (by_steps[steps] if (b, c) == (band, conf) else
+                      record(f"steps={steps} band={b} min_confidence={c}", mean_score(steps, b, c)))
+             for b in BAND_CHOICES for c in CONFIDENCE_CHOICES}
+    band, conf = max(joint, key=joint.get)
     log(f"defaults: steps={steps} band=vocabulary={band} min_confidence={conf}")
     return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
 

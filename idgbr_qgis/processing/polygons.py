@@ -19,6 +19,7 @@ from qgis.core import (
 )
 from qgis.PyQt.QtCore import QVariant
 
+from ..i18n import tr
 from ..styling import class_names
 
 CLASS_ID_FIELD = "class_id"
@@ -49,7 +50,8 @@ def polygonize_classes(algorithm: QgsProcessingAlgorithm, parameters: Dict[str, 
     )
     layer = QgsVectorLayer(result["OUTPUT"], "polygons", "ogr")
     if not layer.isValid():
-        raise QgsProcessingException(f"GDAL polygonize did not produce a readable layer from {raster}.")
+        raise QgsProcessingException(tr("GDAL polygonize did not produce a readable layer from {path}.").format(
+            path=raster))
     fields = polygon_fields()
     sink, dest_id = algorithm.parameterAsSink(parameters, sink_name, context, fields, QgsWkbTypes.Polygon,
                                               layer.crs())
@@ -59,7 +61,7 @@ def polygonize_classes(algorithm: QgsProcessingAlgorithm, parameters: Dict[str, 
     source_index = layer.fields().indexOf(CLASS_ID_FIELD)
     for feature in layer.getFeatures():
         if feedback.isCanceled():
-            raise QgsProcessingException("Cancelled while writing the class polygons.")
+            raise QgsProcessingException(tr("Cancelled while writing the class polygons."))
         class_id = int(feature.attribute(source_index))
         polygon = QgsFeature(fields)
         polygon.setGeometry(feature.geometry())

@@ -15,6 +15,7 @@ from qgis.core import (
     QgsVectorLayer,
 )
 
+from ..i18n import tr
 from ..styling import apply_class_style, apply_confidence_style, categorized_renderer
 
 # QGIS keeps only a raw pointer to a post-processor: Python must hold the object until QGIS has called it
@@ -38,7 +39,8 @@ class ClassStyle(QgsProcessingLayerPostProcessorInterface):
                 layer.setRenderer(categorized_renderer(self.classes))
                 layer.triggerRepaint()
         except ValueError as exc:  # a broken class table: keep QGIS's default style, say why
-            feedback.reportError(f"Could not style {layer.name()} with the model's classes: {exc}")
+            feedback.reportError(tr("Could not style {name} with the model's classes: {reason}").format(
+                name=layer.name(), reason=exc))
 
 
 def style_on_load(context: QgsProcessingContext, output: str, classes: List[Dict[str, Any]]) -> bool:

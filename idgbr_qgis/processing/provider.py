@@ -7,6 +7,7 @@ from typing import List
 from qgis.core import QgsProcessingProvider
 from qgis.PyQt.QtGui import QIcon
 
+from ..i18n import tr
 from .algorithm import ICON
 from .refine import RefineAlgorithm
 from .segment import SegmentAlgorithm
@@ -20,7 +21,7 @@ class IdgbrProvider(QgsProcessingProvider):
         return "IDGBR"
 
     def longName(self) -> str:
-        return "IDGBR — diffusion boundary refinement"
+        return tr("IDGBR — diffusion boundary refinement")
 
     def icon(self) -> QIcon:
         return QIcon(str(ICON))

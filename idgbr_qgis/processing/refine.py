@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
+from ..i18n import tr
 from .algorithm import IdgbrAlgorithm
 
 
 class RefineAlgorithm(IdgbrAlgorithm):
     MODE = "refine"
-    OUTPUT_LABEL = "Refined classes"
 
     def name(self) -> str:
         return "refine"
 
     def displayName(self) -> str:
-        return "IDGBR Refine"
+        return tr("IDGBR Refine")
 
     def shortDescription(self) -> str:
-        return "Classifies a raster and sharpens the class boundaries with a diffusion refiner."
+        return tr("Classifies a raster and sharpens the class boundaries with a diffusion refiner.")
 
     def shortHelpString(self) -> str:
-        return (
+        return tr(
             "<p>Turns a coarse class map into one with accurate boundaries. The coarse map comes from the "
             "bundled segmenter, or from <b>any</b> other model or classification (<i>Coarse class map</i>). A "
             "guidance network reads the image and the coarse map; a small diffusion model redraws the map near "

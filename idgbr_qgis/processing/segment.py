@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
+from ..i18n import tr
 from .algorithm import IdgbrAlgorithm
 
 
 class SegmentAlgorithm(IdgbrAlgorithm):
     MODE = "segment"
-    OUTPUT_LABEL = "Classes"
+
+    def output_label(self) -> str:
+        return tr("Classes")
 
     def name(self) -> str:
         return "segment"
 
     def displayName(self) -> str:
-        return "IDGBR Segment"
+        return tr("IDGBR Segment")
 
     def shortDescription(self) -> str:
-        return "Classifies a raster with the bundled coarse segmenter (fast, blurrier boundaries)."
+        return tr("Classifies a raster with the bundled coarse segmenter (fast, blurrier boundaries).")
 
     def shortHelpString(self) -> str:
-        return (
+        return tr(
             "<p>Classifies each pixel with the model bundle's coarse segmenter only: faster than "
             "<i>IDGBR Refine</i>, with softer class boundaries. Its output is a valid <i>Coarse class map</i> "
             "for IDGBR Refine.</p>"

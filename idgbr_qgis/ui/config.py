@@ -1,6 +1,6 @@
 """The dock's persistent settings (QgsSettings) and the bundled models' cards, read without torch.
 
-The backend interpreter setting belongs to `idgbr_qgis.backend` (SETTINGS_PYTHON); the keys here are the
+The backend interpreter setting belongs to `idgbr_qgis.backend_process` (SETTINGS_PYTHON); the keys here are the
 ones only the dock and the settings dialog use.
 """
 
@@ -15,6 +15,8 @@ from urllib.parse import urlparse
 
 from qgis.core import QgsApplication, QgsSettings
 
+from ..i18n import tr
+
 KEY_DEVICE = "idgbr/device"
 KEY_MODEL = "idgbr/model"
 KEY_STEPS = "idgbr/steps"
@@ -23,6 +25,7 @@ KEY_BAND = "idgbr/band"
 KEY_VOCABULARY = "idgbr/vocabulary"
 KEY_MIN_CONFIDENCE = "idgbr/min_confidence"
 KEY_SHOW_CONFIDENCE = "idgbr/show_confidence"
+KEY_SHOW_CHANGES = "idgbr/show_changes"  # add the changed pixels (refined vs coarse) to the results
 KEY_OUTPUT_DIR = "idgbr/output_dir"
 KEY_PIXEL_SIZE = "idgbr/pixel_size"  # the input's metres per pixel; 0: from the layer's CRS
 KEY_INDEX_URL = "idgbr/index_url"  # the package index of the backend setup; empty: PyTorch's, then pip's
@@ -65,8 +68,8 @@ def index_url_problem(url: str) -> Optional[str]:
         return None
     if parts.scheme == "file" and parts.path:
         return None
-    return (f"The package index {url} is not a web address: enter one like https://mirror.example.org/simple, "
-            "or leave it empty.")
+    return tr("The package index {url} is not a web address: enter one like https://mirror.example.org/simple, "
+              "or leave it empty.").format(url=url)
 
 
 def plugin_dir() -> Path:
@@ -128,6 +131,7 @@ class UserSettings:
     vocabulary: int = RULE_DEFAULT
     min_confidence: float = CONFIDENCE_DEFAULT
     show_confidence: bool = False
+    show_changes: bool = False
     output_dir: str = ""
     pixel_size: float = 0.0  # metres per input pixel; 0 = from the layer's CRS
     index_url: str = ""  # where the backend setup downloads packages; empty = PyTorch's index, then pip's
@@ -144,6 +148,7 @@ class UserSettings:
             vocabulary=_int(s.value(KEY_VOCABULARY, RULE_DEFAULT), RULE_DEFAULT, MAX_RULE_PX),
             min_confidence=_float(s.value(KEY_MIN_CONFIDENCE, CONFIDENCE_DEFAULT), CONFIDENCE_DEFAULT, 1.0),
             show_confidence=_bool(s.value(KEY_SHOW_CONFIDENCE, False)),
+            show_changes=_bool(s.value(KEY_SHOW_CHANGES, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
             pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE),
             index_url=str(s.value(KEY_INDEX_URL, "") or "").strip(),
@@ -158,6 +163,7 @@ class UserSettings:
         s.setValue(KEY_VOCABULARY, int(self.vocabulary))
         s.setValue(KEY_MIN_CONFIDENCE, float(self.min_confidence))
         s.setValue(KEY_SHOW_CONFIDENCE, bool(self.show_confidence))
+        s.setValue(KEY_SHOW_CHANGES, bool(self.show_changes))
         s.setValue(KEY_OUTPUT_DIR, self.output_dir)
         s.setValue(KEY_PIXEL_SIZE, float(self.pixel_size))
         s.setValue(KEY_INDEX_URL, self.index_url.strip())

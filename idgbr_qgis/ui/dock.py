@@ -1,7 +1,8 @@
-"""The IDGBR dock: pick a raster and an extent, run the refiner in the background, get a styled layer.
+"""The IDGBR dock: pick a raster and an extent, run the refiner in the background, get styled layers.
 
-Layers, widgets and the project are touched only in the main thread; the backend work is a RefineTask in
-QGIS's task manager, so QGIS never blocks and the run can be cancelled at any moment.
+Layers, widgets and the project are touched only in the main thread; the run is a `jobs.JobSpec` that a
+RefineTask hands to the job runner in QGIS's task manager, so QGIS never blocks and the run can be
+cancelled at any moment.
 """
 
 from __future__ import annotations
@@ -10,22 +11,23 @@ import contextlib
 import re
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from qgis.core import (
     Qgis,
     QgsApplication,
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransform,
+    QgsMapLayer,
     QgsMapLayerProxyModel,
     QgsMessageLog,
-    QgsProcessingException,
+    QgsPalettedRasterRenderer,
     QgsProject,
     QgsRasterLayer,
     QgsRectangle,
     QgsTask,
 )
-from qgis.gui import QgsDockWidget, QgsDoubleSpinBox, QgsMapLayerComboBox, QgsSpinBox
+from qgis.gui import QgsCollapsibleGroupBox, QgsDockWidget, QgsDoubleSpinBox, QgsMapLayerComboBox, QgsSpinBox
 from qgis.PyQt.QtCore import pyqtSignal
 from qgis.PyQt.QtWidgets import (
     QButtonGroup,
@@ -42,19 +44,27 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..processing import sources
-from ..styling import apply_class_style, apply_confidence_style, classes_from_color_table
+from ..backend_client import BackendError
+from ..backend_process import BackendUnavailable
+from ..i18n import tr
+from ..jobs import inputs
+from ..jobs.outcome import JobError, JobResult, result_name, user_message
+from ..jobs.spec import JobExtent, JobSpec
+from ..styling import apply_changes_style, apply_class_style, apply_confidence_style, classes_from_color_table
 from . import config
 from .device import describe_device
 from .extent_tool import ExtentMapTool
-from .refine_task import RefineTask, RunOutcome, RunRequest
+from .refine_task import RefineTask
 
 LOG_TAG = "IDGBR"
-REFINED_SUFFIX = " — IDGBR refined"
-COARSE_SUFFIX = " — coarse"
-CONFIDENCE_SUFFIX = " — confidence"
-OFF_TEXT = "Off"
 EXTENT_DRAWN, EXTENT_VIEW, EXTENT_LAYER = "drawn", "view", "layer"
+MODEL_BANDS = 3  # the bundled models read red, green, blue
+# The job's fields as the panel calls them: a failure points at the control to change (translated on use).
+FIELD_LABELS = {"input": "Raster", "coarse": "Class layer", "extent": "Extent", "bands": "Band mapping",
+                "steps": "Steps", "band": "Change band (px)", "vocabulary": "Vocabulary (px)",
+                "min_confidence": "Min. confidence", "model": "Settings… ▸ Model", "device": "Settings… ▸ Device",
+                "pixel_size": "Settings… ▸ Input pixel size", "output": "Settings… ▸ Results folder",
+                "confidence": "Settings… ▸ Results folder"}
 
 
 class DockError(Exception):
@@ -70,17 +80,17 @@ class RuleSpinBox(QgsSpinBox):
     def __init__(self, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
         self.setRange(config.RULE_DEFAULT, config.MAX_RULE_PX)
-        self.setSpecialValueText("Model default")
+        self.setSpecialValueText(tr("Model default"))
         self.setClearValue(config.RULE_DEFAULT)
         self.setValue(config.RULE_DEFAULT)
 
     def textFromValue(self, value: int) -> str:  # noqa: N802 - Qt API
         if value == config.RULE_OFF:
-            return OFF_TEXT
+            return _off_text()
         return super().textFromValue(value)
 
     def valueFromText(self, text: str) -> int:  # noqa: N802 - Qt API
-        if text.strip().lower() == OFF_TEXT.lower():
+        if text.strip().lower() in ("off", _off_text().lower()):
             return config.RULE_OFF
         return super().valueFromText(text)
 
@@ -104,12 +114,17 @@ class IdgbrDock(QgsDockWidget):
         self._health_task: Optional[QgsTask] = None
         self._health_requested = False
         self._alive = True
+        self._layer_chosen = False  # the user picked the raster: pre-selection leaves it alone
+        self._adding_results = False
         self.tool = ExtentMapTool(self.canvas)
         self.tool.extentDrawn.connect(self._extent_drawn)
         self._drawn_extent: Optional[QgsRectangle] = None
         self._drawn_crs = QgsCoordinateReferenceSystem()
         self._build_ui()
         self._load_settings_into_widgets()
+        self.preselect_layers()
+        self._fit_band_mapping(self.layerCombo.currentLayer())
+        QgsProject.instance().layersAdded.connect(self._layers_added)
         self._update_state()
 
     # ============================================================================================ layout
@@ -120,44 +135,45 @@ class IdgbrDock(QgsDockWidget):
 
         self.layerCombo = QgsMapLayerComboBox(body)
         self.layerCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
-        self.layerCombo.setToolTip("The image to refine (any raster layer; the model reads bands from its card).")
-        form.addRow("Raster", self.layerCombo)
+        self.layerCombo.setToolTip(tr("The image to refine (any raster layer; the model reads bands from its "
+                                      "card, or those of 'Band mapping')."))
+        form.addRow(tr("Raster"), self.layerCombo)
 
         self.coarseSourceCombo = QComboBox(body)
-        self.coarseSourceCombo.addItem("Bundled model", "bundled")
-        self.coarseSourceCombo.addItem("Existing class layer", "layer")
-        self.coarseSourceCombo.setToolTip(
+        self.coarseSourceCombo.addItem(tr("Bundled model"), "bundled")
+        self.coarseSourceCombo.addItem(tr("Existing class layer"), "layer")
+        self.coarseSourceCombo.setToolTip(tr(
             "Where the coarse class map comes from: IDGBR's own segmenter, or a class-id raster made by any "
             "other model (its ids must be the model's class ids)."
-        )
-        form.addRow("Coarse map", self.coarseSourceCombo)
+        ))
+        form.addRow(tr("Coarse map"), self.coarseSourceCombo)
         self.coarseLayerCombo = QgsMapLayerComboBox(body)
         self.coarseLayerCombo.setFilters(QgsMapLayerProxyModel.RasterLayer)
-        form.addRow("Class layer", self.coarseLayerCombo)
+        form.addRow(tr("Class layer"), self.coarseLayerCombo)
 
         self.modelLabel = QLabel(body)
         self.modelLabel.setWordWrap(True)
-        form.addRow("Model", self.modelLabel)
+        form.addRow(tr("Model"), self.modelLabel)
         layout.addLayout(form)
 
-        extent_box = QGroupBox("Extent", body)
+        extent_box = QGroupBox(tr("Extent"), body)
         extent_layout = QVBoxLayout(extent_box)
         self.extentGroup = QButtonGroup(self)
-        self.drawRadio = QRadioButton("Draw on the map")
-        self.viewRadio = QRadioButton("Current map view")
-        self.layerRadio = QRadioButton("Whole layer")
+        self.drawRadio = QRadioButton(tr("Draw on the map"))
+        self.viewRadio = QRadioButton(tr("Current map view"))
+        self.layerRadio = QRadioButton(tr("Whole layer"))
         for button, key in ((self.drawRadio, EXTENT_DRAWN), (self.viewRadio, EXTENT_VIEW),
                             (self.layerRadio, EXTENT_LAYER)):
             button.setProperty("extentMode", key)
             self.extentGroup.addButton(button)
         draw_row = QHBoxLayout()
         draw_row.addWidget(self.drawRadio)
-        self.drawButton = QPushButton("Draw")
-        self.drawButton.setToolTip("Drag a rectangle on the map; Esc abandons it.")
+        self.drawButton = QPushButton(tr("Draw"))
+        self.drawButton.setToolTip(tr("Drag a rectangle on the map; Esc abandons it."))
         draw_row.addWidget(self.drawButton)
         draw_row.addStretch(1)
         extent_layout.addLayout(draw_row)
-        self.extentLabel = QLabel("No extent drawn yet.")
+        self.extentLabel = QLabel(tr("No extent drawn yet."))
         self.extentLabel.setWordWrap(True)
         extent_layout.addWidget(self.extentLabel)
         extent_layout.addWidget(self.viewRadio)
@@ -168,51 +184,76 @@ class IdgbrDock(QgsDockWidget):
         params = QFormLayout()
         self.stepsSpin = QgsSpinBox(body)
         self.stepsSpin.setRange(config.MODEL_DEFAULT, config.MAX_STEPS)
-        self.stepsSpin.setSpecialValueText("Model default")
+        self.stepsSpin.setSpecialValueText(tr("Model default"))
         self.stepsSpin.setClearValue(config.MODEL_DEFAULT)
-        self.stepsSpin.setToolTip("Diffusion steps: more steps, finer boundaries, longer runs.")
-        params.addRow("Steps", self.stepsSpin)
+        self.stepsSpin.setToolTip(tr("Diffusion steps: more steps, finer boundaries, longer runs."))
+        params.addRow(tr("Steps"), self.stepsSpin)
         self.bandSpin = RuleSpinBox(body)
-        self.bandSpin.setToolTip("The refiner may change a pixel only this many pixels from a coarse class "
-                                 "boundary. 0 keeps the coarse map; Off (-1) lifts the rule.")
-        params.addRow("Change band (px)", self.bandSpin)
+        self.bandSpin.setToolTip(tr("The refiner may change a pixel only this many pixels from a coarse class "
+                                    "boundary. 0 keeps the coarse map; Off (-1) lifts the rule."))
+        params.addRow(tr("Change band (px)"), self.bandSpin)
         self.vocabularySpin = RuleSpinBox(body)
-        self.vocabularySpin.setToolTip("A pixel may only take a class the coarse map has within this many pixels, "
-                                       "so regions are never invented or erased. Off (-1) lifts the rule.")
-        params.addRow("Vocabulary (px)", self.vocabularySpin)
+        self.vocabularySpin.setToolTip(tr("A pixel may only take a class the coarse map has within this many "
+                                          "pixels, so regions are never invented or erased. Off (-1) lifts the "
+                                          "rule."))
+        params.addRow(tr("Vocabulary (px)"), self.vocabularySpin)
         self.minConfidenceSpin = QgsDoubleSpinBox(body)
         self.minConfidenceSpin.setDecimals(2)
         self.minConfidenceSpin.setSingleStep(0.05)
         self.minConfidenceSpin.setRange(config.CONFIDENCE_DEFAULT, 1.0)
-        self.minConfidenceSpin.setSpecialValueText("Model default")
+        self.minConfidenceSpin.setSpecialValueText(tr("Model default"))
         self.minConfidenceSpin.setClearValue(config.CONFIDENCE_DEFAULT)
-        self.minConfidenceSpin.setToolTip("A pixel takes the refiner's class only where the refiner is at least "
-                                          "this sure (0-1); elsewhere it keeps the coarse class. 0 switches the "
-                                          "gate off, 1 keeps the coarse map.")
-        params.addRow("Min. confidence", self.minConfidenceSpin)
-        self.showConfidenceCheck = QCheckBox("Show confidence", body)
-        self.showConfidenceCheck.setToolTip("Also add the refiner's confidence to the result group: red where it "
-                                            "was unsure, clear where it was sure.")
+        self.minConfidenceSpin.setToolTip(tr("A pixel takes the refiner's class only where the refiner is at least "
+                                             "this sure (0-1); elsewhere it keeps the coarse class. 0 switches the "
+                                             "gate off, 1 keeps the coarse map."))
+        params.addRow(tr("Min. confidence"), self.minConfidenceSpin)
+        self.showConfidenceCheck = QCheckBox(tr("Show confidence"), body)
+        self.showConfidenceCheck.setToolTip(tr("Also add the refiner's confidence to the result group: red where "
+                                               "it was unsure, clear where it was sure."))
         params.addRow("", self.showConfidenceCheck)
+        self.showChangesCheck = QCheckBox(tr("Show changed pixels"), body)
+        self.showChangesCheck.setToolTip(tr("Also add the pixels where the refined map differs from the coarse "
+                                            "map, so you see what the refiner did."))
+        params.addRow("", self.showChangesCheck)
         layout.addLayout(params)
 
+        # Advanced: which input bands feed the model's red, green and blue (e.g. for a 4-band NIR image).
+        self.bandsGroup = QgsCollapsibleGroupBox(tr("Band mapping"), body)
+        self.bandsGroup.setCheckable(True)
+        self.bandsGroup.setChecked(False)
+        self.bandsGroup.setCollapsed(True)
+        self.bandsGroup.setToolTip(tr("The input bands the model reads, in the model's order. Off: the model's "
+                                      "default bands (1, 2, 3)."))
+        bands_layout = QHBoxLayout(self.bandsGroup)
+        self.bandSpins: List[QgsSpinBox] = []
+        self.bandLabels: List[QLabel] = []
+        for _index in range(MODEL_BANDS):
+            label, spin = QLabel(self.bandsGroup), QgsSpinBox(self.bandsGroup)
+            spin.setRange(1, 1)
+            self.bandLabels.append(label)
+            self.bandSpins.append(spin)
+            bands_layout.addWidget(label)
+            bands_layout.addWidget(spin)
+        bands_layout.addStretch(1)
+        layout.addWidget(self.bandsGroup)
+
         device_row = QHBoxLayout()
-        self.deviceLabel = QLabel("Device: backend not started")
+        self.deviceLabel = QLabel(tr("Device: backend not started"))
         self.deviceLabel.setWordWrap(True)
         device_row.addWidget(self.deviceLabel, 1)
-        self.checkButton = QPushButton("Check")
-        self.checkButton.setToolTip("Start or contact the backend and show the device it computes on.")
+        self.checkButton = QPushButton(tr("Check"))
+        self.checkButton.setToolTip(tr("Start or contact the backend and show the device it computes on."))
         device_row.addWidget(self.checkButton)
         layout.addLayout(device_row)
-        self.setupButton = QPushButton("Set up backend…")
-        self.setupButton.setToolTip("Install PyTorch and the IDGBR backend in a dedicated environment.")
+        self.setupButton = QPushButton(tr("Set up backend…"))
+        self.setupButton.setToolTip(tr("Install PyTorch and the IDGBR backend in a dedicated environment."))
         self.setupButton.setVisible(False)
         layout.addWidget(self.setupButton)
 
         buttons = QHBoxLayout()
-        self.runButton = QPushButton("Run")
-        self.cancelButton = QPushButton("Cancel")
-        self.settingsButton = QPushButton("Settings…")
+        self.runButton = QPushButton(tr("Run"))
+        self.cancelButton = QPushButton(tr("Cancel"))
+        self.settingsButton = QPushButton(tr("Settings…"))
         buttons.addWidget(self.runButton)
         buttons.addWidget(self.cancelButton)
         buttons.addStretch(1)
@@ -229,6 +270,8 @@ class IdgbrDock(QgsDockWidget):
         self.setWidget(body)
 
         self.layerCombo.layerChanged.connect(self._update_state)
+        self.layerCombo.layerChanged.connect(self._fit_band_mapping)
+        self.layerCombo.activated.connect(self._layer_picked)
         self.coarseSourceCombo.currentIndexChanged.connect(self._update_state)
         self.extentGroup.buttonClicked.connect(lambda _b: self._update_state())
         self.drawButton.clicked.connect(self.start_drawing)
@@ -240,13 +283,15 @@ class IdgbrDock(QgsDockWidget):
         for spin in (self.stepsSpin, self.bandSpin, self.vocabularySpin, self.minConfidenceSpin):
             spin.valueChanged.connect(self._save_run_settings)
         self.showConfidenceCheck.toggled.connect(self._save_run_settings)
+        self.showChangesCheck.toggled.connect(self._save_run_settings)
 
     def _load_settings_into_widgets(self) -> None:
         self.settings = config.UserSettings.load()
         for widget, value in ((self.stepsSpin, self.settings.steps), (self.bandSpin, self.settings.band),
                               (self.vocabularySpin, self.settings.vocabulary),
                               (self.minConfidenceSpin, self.settings.min_confidence),
-                              (self.showConfidenceCheck, self.settings.show_confidence)):
+                              (self.showConfidenceCheck, self.settings.show_confidence),
+                              (self.showChangesCheck, self.settings.show_changes)):
             widget.blockSignals(True)
             if isinstance(widget, QCheckBox):
                 widget.setChecked(bool(value))
@@ -262,7 +307,11 @@ class IdgbrDock(QgsDockWidget):
         name = card.get("name") or self.settings.model
         classes = ", ".join(str(c.get("name")) for c in card.get("classes") or [])
         self.modelLabel.setText(f"{name} ({classes})" if classes else str(name))
-        self.modelLabel.setToolTip(f"Device setting: {self.settings.device}. Change both in Settings….")
+        self.modelLabel.setToolTip(tr("Device setting: {device}. Change both in Settings….").format(
+            device=self.settings.device))
+        names = [str(b) for b in card.get("bands") or []]
+        for index, label in enumerate(self.bandLabels):
+            label.setText(names[index].capitalize() if index < len(names) else tr("Band {n}").format(n=index + 1))
 
     def _save_run_settings(self) -> None:
         self.settings.steps = self.stepsSpin.value()
@@ -270,6 +319,7 @@ class IdgbrDock(QgsDockWidget):
         self.settings.vocabulary = self.vocabularySpin.value()
         self.settings.min_confidence = self.minConfidenceSpin.value()
         self.settings.show_confidence = self.showConfidenceCheck.isChecked()
+        self.settings.show_changes = self.showChangesCheck.isChecked()
         self.settings.save()
 
     def _card(self) -> Dict[str, Any]:
@@ -298,18 +348,70 @@ class IdgbrDock(QgsDockWidget):
         self.coarseLayerCombo.setExceptedLayerList([layer] if layer is not None else [])
         self.drawButton.setEnabled(self.extent_mode() == EXTENT_DRAWN and not running)
         for widget in (self.layerCombo, self.coarseSourceCombo, self.stepsSpin, self.bandSpin, self.vocabularySpin,
-                       self.minConfidenceSpin, self.showConfidenceCheck, self.drawRadio, self.viewRadio,
-                       self.layerRadio, self.settingsButton):
+                       self.minConfidenceSpin, self.showConfidenceCheck, self.showChangesCheck, self.bandsGroup,
+                       self.drawRadio, self.viewRadio, self.layerRadio, self.settingsButton):
             widget.setEnabled(not running)
         self.runButton.setEnabled(not running and layer is not None)
         self.cancelButton.setEnabled(running)
+
+    # ============================================================================================ layers
+    def preselect_layers(self) -> None:
+        """Offer an image as the raster (the active layer when it is one) and a class map as the class layer.
+
+        A class raster (one band) is never preferred as the image: the model reads three bands. What the user
+        picked in the combo box stays."""
+        rasters = [layer for layer in _project_rasters() if layer.isValid()]
+        current = self.layerCombo.currentLayer()
+        if not self._layer_chosen and not _looks_like_image(current):
+            active = self.iface.activeLayer() if self.iface is not None else None
+            candidates = ([active] if isinstance(active, QgsRasterLayer) else []) + rasters
+            image = next((layer for layer in candidates if _looks_like_image(layer)), None)
+            if image is not None:
+                self.layerCombo.setLayer(image)
+        image, coarse = self.layerCombo.currentLayer(), self.coarseLayerCombo.currentLayer()
+        if coarse is None or coarse is image or _looks_like_image(coarse):
+            classes = next((layer for layer in rasters if layer is not image and _looks_like_classes(layer)), None)
+            if classes is not None:
+                self.coarseLayerCombo.setLayer(classes)
+
+    def _layers_added(self, _layers: List[QgsMapLayer]) -> None:
+        if self._alive and not self._adding_results:  # the panel's own results change no choice
+            self.preselect_layers()
+
+    def _layer_picked(self, _index: int) -> None:
+        self._layer_chosen = True  # only a pick in the combo box, never one made by code
+
+    def band_mapping(self) -> Optional[List[int]]:
+        """The input bands for the model's bands when 'Band mapping' is on, else None (the model's defaults)."""
+        if not self.bandsGroup.isChecked():
+            return None
+        return [spin.value() for spin in self.bandSpins]
+
+    def set_band_mapping(self, bands: Optional[List[int]]) -> None:
+        """Switch 'Band mapping' on with ``bands`` (input band numbers in the model's order), or off with None."""
+        self.bandsGroup.setChecked(bands is not None)
+        if bands is not None:
+            self.bandsGroup.setCollapsed(False)
+            for spin, band in zip(self.bandSpins, bands):
+                spin.setValue(band)
+
+    def _fit_band_mapping(self, layer: Optional[QgsMapLayer]) -> None:
+        """Band numbers of the new raster: its own count as the limit, the model's defaults where they exist."""
+        count = layer.bandCount() if isinstance(layer, QgsRasterLayer) else 1
+        defaults = [int(b) for b in self._card().get("bands_default") or range(1, MODEL_BANDS + 1)]
+        for index, spin in enumerate(self.bandSpins):
+            spin.setRange(1, max(1, count))
+            default = defaults[index] if index < len(defaults) else index + 1
+            spin.setClearValue(min(default, max(1, count)))
+            if not self.bandsGroup.isChecked():
+                spin.clear()
 
     # ============================================================================================ extent
     def start_drawing(self) -> None:
         """Make the extent tool the canvas's map tool (the Draw button)."""
         self.set_extent_mode(EXTENT_DRAWN)
         self.canvas.setMapTool(self.tool)
-        self.statusLabel.setText("Drag a rectangle on the map.")
+        self.statusLabel.setText(tr("Drag a rectangle on the map."))
 
     def set_drawn_extent(self, extent: QgsRectangle, crs: Optional[QgsCoordinateReferenceSystem] = None) -> None:
         """Use `extent` (in `crs`, default the canvas CRS) as if it had been drawn, and show it on the map."""
@@ -325,12 +427,12 @@ class IdgbrDock(QgsDockWidget):
         self._drawn_extent = QgsRectangle(extent)
         self._drawn_crs = self.canvas.mapSettings().destinationCrs()
         self.set_extent_mode(EXTENT_DRAWN)
-        self.extentLabel.setText(f"{extent.toString(1)} ({self._drawn_crs.authid() or 'map units'})"
+        self.extentLabel.setText(f"{extent.toString(1)} ({self._drawn_crs.authid() or tr('map units')})"
                                  + self._size_hint(extent, self._drawn_crs))
-        self.statusLabel.setText("Extent set. Press Run.")
+        self.statusLabel.setText(tr("Extent set. Press Run."))
 
     def _size_hint(self, extent: QgsRectangle, crs: QgsCoordinateReferenceSystem) -> str:
-        """' — about W × H px of <layer>' for the label, from the layer's pixel size."""
+        """' — about W × H px' for the label, from the selected layer's pixel size."""
         layer = self.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer) or layer.width() <= 0 or layer.rasterUnitsPerPixelX() <= 0:
             return ""
@@ -340,10 +442,10 @@ class IdgbrDock(QgsDockWidget):
             return ""
         rect = rect.intersect(layer.extent())
         if rect.isEmpty():
-            return " — outside the selected layer"
+            return tr(" — outside the selected layer")
         columns = round(rect.width() / layer.rasterUnitsPerPixelX())
         rows = round(rect.height() / layer.rasterUnitsPerPixelY())
-        return f" — about {columns} × {rows} px"
+        return tr(" — about {columns} × {rows} px").format(columns=columns, rows=rows)
 
     @staticmethod
     def _to_layer_crs(extent: QgsRectangle, crs: QgsCoordinateReferenceSystem, layer: QgsRasterLayer) -> QgsRectangle:
@@ -352,40 +454,31 @@ class IdgbrDock(QgsDockWidget):
         try:
             return QgsCoordinateTransform(crs, layer.crs(), QgsProject.instance()).transformBoundingBox(extent)
         except Exception as exc:  # QgsCsException: the extent lies outside the layer CRS's valid area
-            raise DockError(f"The extent cannot be expressed in the layer's CRS {layer.crs().authid()} ({exc}). "
-                            "Draw an extent over the layer.") from exc
+            raise DockError(tr("The extent cannot be expressed in the layer's CRS {crs} ({reason}). Draw an extent "
+                               "over the layer.").format(crs=layer.crs().authid(), reason=exc)) from exc
 
-    def requested_extent(self, layer: QgsRasterLayer
-                         ) -> Tuple[Optional[Tuple[float, float, float, float]], Optional[str], Optional[QgsRectangle]]:
-        """(extent, its CRS authid, the extent in the layer's CRS) for the job; (None, None, None) = whole layer.
+    def requested_extent(self, layer: QgsRasterLayer) -> Optional[JobExtent]:
+        """The extent of the run in its own CRS; None = the whole layer.
 
-        The backend snaps the extent outward to the input's pixel grid, so any CRS works. A layer without a
-        CRS is drawn unprojected by QGIS: map coordinates are its own, and they are sent without a CRS.
-        """
+        The backend snaps the extent outward to the input's pixel grid, and layers that are copied first are
+        cut in their own CRS, so any CRS works. A layer without a CRS is drawn unprojected by QGIS: map
+        coordinates are then its own."""
         mode = self.extent_mode()
         if mode == EXTENT_LAYER:
-            return None, None, None
+            return None
         if mode == EXTENT_DRAWN:
             if self._drawn_extent is None:
-                raise DockError("No extent drawn yet: press Draw and drag a rectangle on the map, or choose "
-                                "'Current map view' or 'Whole layer'.")
+                raise DockError(tr("No extent drawn yet: press Draw and drag a rectangle on the map, or choose "
+                                   "'Current map view' or 'Whole layer'."))
             rect, crs = QgsRectangle(self._drawn_extent), self._drawn_crs
         else:
             rect, crs = QgsRectangle(self.canvas.extent()), self.canvas.mapSettings().destinationCrs()
         if rect.isEmpty():
-            raise DockError("The extent is empty: draw a rectangle with some width and height.")
-        layer_rect = self._to_layer_crs(rect, crs, layer)
-        if not layer.extent().intersects(layer_rect):
-            raise DockError(f"The extent does not overlap the layer '{layer.name()}': draw it over the layer, or "
-                            "choose 'Whole layer'.")
-        if not layer.crs().isValid() or not crs.isValid():
-            return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), None, rect
-        if not crs.authid():
-            # A custom CRS has no code the backend understands: send the extent in the layer's CRS instead.
-            rect, crs = layer_rect, layer.crs()
-            if not crs.authid():
-                return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), None, layer_rect
-        return (rect.xMinimum(), rect.yMinimum(), rect.xMaximum(), rect.yMaximum()), crs.authid(), layer_rect
+            raise DockError(tr("The extent is empty: draw a rectangle with some width and height."))
+        if not layer.extent().intersects(self._to_layer_crs(rect, crs, layer)):
+            raise DockError(tr("The extent does not overlap the layer '{name}': draw it over the layer, or choose "
+                               "'Whole layer'.").format(name=layer.name()))
+        return JobExtent(rect, crs)
 
     # =============================================================================================== run
     def run(self) -> Optional[RefineTask]:
@@ -393,106 +486,117 @@ class IdgbrDock(QgsDockWidget):
         if self.is_running():
             return None
         try:
-            request = self._request()
-        except (DockError, QgsProcessingException) as exc:
-            self._message(str(exc.args[0] if exc.args else exc), Qgis.Warning)
+            layer_name, spec = self._spec()
+        except DockError as exc:
+            self._message(str(exc), Qgis.Warning)
             return None
-        task = RefineTask(self.manager, request, on_done=self._task_done)
+        except JobError as exc:
+            self._message(self._failure_text(exc), Qgis.Warning)
+            return None
+        task = RefineTask(self.manager, spec, layer_name, on_done=self._task_done)
         task.progressChanged.connect(self._task_progress)
         task.statusChanged.connect(self.statusLabel.setText)
         self.task = task
         self.progressBar.setValue(0)
-        self.statusLabel.setText("Starting…")
+        self.statusLabel.setText(tr("Starting…"))
         self._update_state()
         QgsApplication.taskManager().addTask(task)
         return task
 
-    def _request(self) -> RunRequest:
+    def _spec(self) -> tuple[str, JobSpec]:
+        """(the raster's name, the run) from the panel's choices, read in the main thread."""
         self.settings = config.UserSettings.load()
         layer = self.layerCombo.currentLayer()
         if not isinstance(layer, QgsRasterLayer):
-            raise DockError("Choose a raster layer to refine.")
-        source = sources.describe(layer)
+            raise DockError(tr("Choose a raster layer to refine."))
+        source = inputs.describe(layer, "input")
         coarse = None
         if self.coarseSourceCombo.currentData() == "layer":
             coarse_layer = self.coarseLayerCombo.currentLayer()
             if not isinstance(coarse_layer, QgsRasterLayer):
-                raise DockError("Choose the class layer to use as the coarse map, or pick 'Bundled model'.")
+                raise DockError(tr("Choose the class layer to use as the coarse map, or pick 'Bundled model'."))
             if coarse_layer.id() == layer.id():
-                raise DockError("The class layer must be a class map, not the image itself.")
-            coarse = sources.describe(coarse_layer)
-        extent, extent_crs, layer_rect = self.requested_extent(layer)
+                raise DockError(tr("The class layer must be a class map, not the image itself."))
+            coarse = inputs.describe(coarse_layer, "coarse")
+        extent = self.requested_extent(layer)
         model_path = config.model_file(self.settings.model)
         if model_path is None:
-            raise DockError(f"The model '{self.settings.model}' is not installed: choose a bundled model or an "
-                            "existing .safetensors file in Settings….")
+            raise DockError(tr("The model '{model}' is not installed: choose a bundled model or an existing "
+                               ".safetensors file in Settings….").format(model=self.settings.model))
         card = config.read_model_card(model_path)
         folder = self.settings.results_dir()
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise DockError(f"Cannot create the results folder {folder} ({exc}): choose another one in "
-                            "Settings….") from exc
+            raise DockError(tr("Cannot create the results folder {folder} ({reason}): choose another one in "
+                               "Settings….").format(folder=folder, reason=exc)) from exc
         stem = f"{_safe_name(layer.name())}_{time.strftime('%Y%m%d-%H%M%S')}"
-        output = _unique(folder / f"{stem}_refined.tif")
-        coarse_output = None if coarse is not None else _unique(folder / f"{stem}_coarse.tif")
-        confidence = _unique(folder / f"{stem}_confidence.tif") if self.showConfidenceCheck.isChecked() else None
-        return RunRequest(
-            layer_name=layer.name(),
-            source=source,
-            output=output,
-            coarse_output=coarse_output,
+        spec = JobSpec(
+            mode="refine",
+            input=source,
+            output=_unique(folder / f"{stem}_refined.tif"),
             coarse=coarse,
             extent=extent,
-            extent_crs=extent_crs,
-            extent_layer_crs=layer_rect,
             model=self.settings.job_model(),
             device=self.settings.device,
+            bands=self.band_mapping(),
             steps=None if self.stepsSpin.value() == config.MODEL_DEFAULT else self.stepsSpin.value(),
             band=config.rule_field(self.bandSpin.value()),
             vocabulary=config.rule_field(self.vocabularySpin.value()),
             min_confidence=config.confidence_field(self.minConfidenceSpin.value()),
-            confidence=confidence,
-            pixel_size_m=float(card.get("pixel_size_m") or 0.5),
-            input_pixel_size=config.pixel_size_field(self.settings.pixel_size),
+            confidence=_unique(folder / f"{stem}_confidence.tif") if self.showConfidenceCheck.isChecked() else None,
+            pixel_size=config.pixel_size_field(self.settings.pixel_size),
+            copy_pixel_size_m=float(card.get("pixel_size_m") or 0.5),
+            coarse_output=None if coarse is not None else _unique(folder / f"{stem}_coarse.tif"),
+            changes=_unique(folder / f"{stem}_changes.tif") if self.showChangesCheck.isChecked() else None,
             transform_context=QgsProject.instance().transformContext(),
         )
+        return layer.name(), spec
 
     def cancel(self) -> None:
         """Cancel the running task (the Cancel button); the backend job stops and leaves no output."""
         if self.task is not None:
-            self.statusLabel.setText("Cancelling…")
+            self.statusLabel.setText(tr("Cancelling…"))
             self.task.cancel()
 
     def _task_progress(self, value: float) -> None:
         self.progressBar.setValue(int(value))
 
-    def _task_done(self, task: RefineTask, outcome: RunOutcome) -> None:
+    def _task_done(self, task: RefineTask) -> None:
         if not self._alive:
             return
         if task is self.task:
             self.task = None
         self._update_state()
-        if outcome.cancelled:
+        if task.cancelled:
             self.progressBar.setValue(0)
-            self._finish(False, "Cancelled: no layer was added.", Qgis.Info)
+            self._finish(False, tr("Cancelled: no layer was added."), Qgis.Info)
             return
-        if outcome.error:
+        if task.error is not None or task.result is None:
+            error = task.error or JobError(tr("The run ended without a result."))
             self.progressBar.setValue(0)
-            self.setupButton.setVisible(outcome.setup_needed)
-            self._finish(False, outcome.error, Qgis.Critical)
+            self.setupButton.setVisible(error.setup_needed)
+            self._finish(False, self._failure_text(error), Qgis.Critical)
             return
         try:
-            refined = self._add_result(task.request, outcome)
+            refined = self._add_result(task, task.result)
         except DockError as exc:
             self._finish(False, str(exc), Qgis.Critical)
             return
         self.progressBar.setValue(100)
-        for note in outcome.notes:
+        for note in task.result.notes:
             self._message(note, Qgis.Info)
-        device = f" on {outcome.device}" if outcome.device else ""
-        self._finish(True, f"Added '{refined.name()}' in {outcome.seconds:.1f} s{device}.", Qgis.Success)
+        text = tr("Added '{name}' in {seconds:.1f} s.").format(name=refined.name(), seconds=task.result.seconds)
+        if task.result.device:
+            text = tr("Added '{name}' in {seconds:.1f} s on {device}.").format(
+                name=refined.name(), seconds=task.result.seconds, device=task.result.device)
+        self._finish(True, text, Qgis.Success)
         self.resultAdded.emit(refined.id())
+
+    @staticmethod
+    def _failure_text(error: JobError) -> str:
+        labels = {field: tr(label) for field, label in FIELD_LABELS.items()}
+        return user_message(error, labels, tr("(check '{name}')"))
 
     def _finish(self, ok: bool, message: str, level: Qgis.MessageLevel) -> None:
         self.statusLabel.setText(message)
@@ -500,44 +604,51 @@ class IdgbrDock(QgsDockWidget):
         self.runFinished.emit(ok, message)
 
     # ============================================================================================ result
-    def _add_result(self, request: RunRequest, outcome: RunOutcome) -> QgsRasterLayer:
-        """Load the refined map (with the confidence above it when asked for, and the coarse map, hidden) into
-        one group; all valid or none added."""
-        assert outcome.refined is not None
-        refined = QgsRasterLayer(str(outcome.refined), f"{request.layer_name}{REFINED_SUFFIX}", "gdal")
-        layers: List[QgsRasterLayer] = [refined]
-        confidence = None
-        if outcome.confidence is not None:
-            confidence = QgsRasterLayer(str(outcome.confidence), f"{request.layer_name}{CONFIDENCE_SUFFIX}", "gdal")
-        coarse_path = outcome.coarse or (request.coarse.path if request.coarse else None)
-        coarse = None
-        if coarse_path is not None:
-            coarse = QgsRasterLayer(str(coarse_path), f"{request.layer_name}{COARSE_SUFFIX}", "gdal")
-            layers.append(coarse)
-        broken = [lyr for lyr in layers + ([confidence] if confidence is not None else []) if not lyr.isValid()]
+    def _add_result(self, task: RefineTask, result: JobResult) -> QgsRasterLayer:
+        """Load the refined map into one group, with the confidence and the changed pixels above it when asked
+        for and the coarse map below it, hidden; all valid or none added."""
+        name = task.layer_name
+        model = result.model or self.settings.model
+        refined = QgsRasterLayer(str(result.output), result_name(name, tr("refined"), model), "gdal")
+        confidence = changes = coarse = None
+        if result.confidence is not None:
+            confidence = QgsRasterLayer(str(result.confidence), result_name(name, tr("confidence"), model), "gdal")
+        if result.changes is not None:
+            changes = QgsRasterLayer(str(result.changes), result_name(name, tr("changed pixels"), model), "gdal")
+        if result.coarse is not None:
+            # The model's own coarse map, or the user's class layer (named after it).
+            source = model if task.spec.coarse is None else task.spec.coarse.name
+            coarse = QgsRasterLayer(str(result.coarse), result_name(name, tr("coarse"), source), "gdal")
+        layers = [lyr for lyr in (confidence, changes, refined, coarse) if lyr is not None]
+        broken = [lyr for lyr in layers if not lyr.isValid()]
         if broken:
-            raise DockError(f"QGIS cannot open the result {broken[0].source()}: check free disk space and the "
-                            "results folder in Settings…, then run again.")
-        classes = outcome.classes or self._card().get("classes") or []
-        for layer in layers:
+            raise DockError(tr("QGIS cannot open the result {path}: check free disk space and the results folder "
+                               "in Settings…, then run again.").format(path=broken[0].source()))
+        classes = result.classes or self._card().get("classes") or []
+        for layer in (refined, coarse):
+            if layer is None:
+                continue
             try:
                 apply_class_style(layer, classes or classes_from_color_table(layer))
             except ValueError as exc:
-                self._message(f"The result is not styled ({exc}); it keeps its own colour table.", Qgis.Warning)
-        project = QgsProject.instance()
-        root = project.layerTreeRoot()
-        group = root.insertGroup(0, f"{request.layer_name} — IDGBR")
+                self._message(tr("The result is not styled ({reason}); it keeps its own colour table.").format(
+                    reason=exc), Qgis.Warning)
         if confidence is not None:
-            # On top: clear where the refiner was sure, red where it was not, over the class map.
+            # Clear where the refiner was sure, red where it was not, over the class map.
             apply_confidence_style(confidence)
-            project.addMapLayer(confidence, False)
-            group.addLayer(confidence)
-        project.addMapLayer(refined, False)
-        group.addLayer(refined)
-        if coarse is not None:
-            project.addMapLayer(coarse, False)
-            node = group.addLayer(coarse)
-            node.setItemVisibilityChecked(False)  # for comparison: switch it on to see the coarse map
+        if changes is not None:
+            apply_changes_style(changes, tr("changed by the refiner"))
+        project = QgsProject.instance()
+        group = project.layerTreeRoot().insertGroup(0, tr("{name} — IDGBR").format(name=name))
+        self._adding_results = True
+        try:
+            for layer in layers:
+                project.addMapLayer(layer, False)
+                node = group.addLayer(layer)
+                if layer is coarse:
+                    node.setItemVisibilityChecked(False)  # for comparison: switch it on to see the coarse map
+        finally:
+            self._adding_results = False
         return refined
 
     # =========================================================================================== backend
@@ -552,9 +663,9 @@ class IdgbrDock(QgsDockWidget):
         """Start or contact the backend in a background task and show its device (the Check button)."""
         if self._health_task is not None or not self._alive:
             return
-        self.deviceLabel.setText("Device: starting the backend…")
+        self.deviceLabel.setText(tr("Device: starting the backend…"))
         self.checkButton.setEnabled(False)
-        task = QgsTask.fromFunction("IDGBR: checking the backend", _health, self.manager,
+        task = QgsTask.fromFunction(tr("IDGBR: checking the backend"), _health, self.manager,
                                     on_finished=self._health_done)
         self._health_task = task
         QgsApplication.taskManager().addTask(task)
@@ -565,12 +676,9 @@ class IdgbrDock(QgsDockWidget):
             return
         self.checkButton.setEnabled(True)
         if exception is not None:
-            from ..backend import BackendUnavailable
-            from ..backend_client import BackendError
-
             # No interpreter, or one that cannot start the backend: the setup is the fix for both.
             self.setupButton.setVisible(isinstance(exception, (BackendUnavailable, BackendError)))
-            self.deviceLabel.setText("Device: backend unavailable")
+            self.deviceLabel.setText(tr("Device: backend unavailable"))
             self.deviceLabel.setToolTip(str(exception))
             self._message(str(exception), Qgis.Warning)
             return
@@ -619,6 +727,8 @@ class IdgbrDock(QgsDockWidget):
         self.tool.release()
         with contextlib.suppress(TypeError):
             self.tool.extentDrawn.disconnect(self._extent_drawn)
+        with contextlib.suppress(TypeError, RuntimeError):
+            QgsProject.instance().layersAdded.disconnect(self._layers_added)
 
 
 def _health(task: QgsTask, manager: Any) -> Dict[str, Any]:
@@ -626,16 +736,43 @@ def _health(task: QgsTask, manager: Any) -> Dict[str, Any]:
     return manager.client().health()
 
 
+def _off_text() -> str:
+    """How a rule that is switched off reads in its spin box."""
+    return tr("Off")
+
+
 def _default_text(sampler: Dict[str, Any], key: str, unit: str = "") -> str:
     """"Model default (8 px)" from the card's sampler section; "Off" for a rule the card switches off."""
     if key not in sampler:
-        return "Model default"
+        return tr("Model default")
     try:
         value = float(sampler[key])
     except (TypeError, ValueError):
-        return "Model default"
+        return tr("Model default")
     off = (key == "min_confidence" and value <= 0) or (key in ("band", "vocabulary") and value < 0)
-    return f"Model default ({OFF_TEXT.lower() if off else f'{value:g}{unit}'})"
+    return tr("Model default ({value})").format(value=_off_text().lower() if off else f"{value:g}{unit}")
+
+
+def _project_rasters() -> List[QgsRasterLayer]:
+    """The project's raster layers in the order of the layers panel."""
+    nodes = QgsProject.instance().layerTreeRoot().findLayers()
+    return [node.layer() for node in nodes if isinstance(node.layer(), QgsRasterLayer)]
+
+
+def _looks_like_image(layer: Optional[QgsMapLayer]) -> bool:
+    """A raster the model can read as it is: three bands or more (red, green, blue)."""
+    return isinstance(layer, QgsRasterLayer) and layer.isValid() and layer.bandCount() >= MODEL_BANDS
+
+
+_INTEGER_TYPES = (Qgis.Byte, Qgis.UInt16, Qgis.Int16, Qgis.UInt32, Qgis.Int32)
+
+
+def _looks_like_classes(layer: Optional[QgsMapLayer]) -> bool:
+    """A class map: one band of integers, or drawn with a palette."""
+    if not isinstance(layer, QgsRasterLayer) or not layer.isValid() or layer.bandCount() != 1:
+        return False
+    return (isinstance(layer.renderer(), QgsPalettedRasterRenderer)
+            or layer.dataProvider().dataType(1) in _INTEGER_TYPES)
 
 
 def _safe_name(name: str) -> str:

@@ -29,7 +29,8 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
-from ..backend import ENV_PYTHON, SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
+from ..backend_process import ENV_PYTHON, SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
+from ..i18n import tr
 from . import config
 
 OTHER_MODEL = "__other__"
@@ -43,7 +44,7 @@ class SettingsDialog(QDialog):
 
     def __init__(self, backend_manager: Any = None, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
-        self.setWindowTitle("IDGBR settings")
+        self.setWindowTitle(tr("IDGBR settings"))
         self.setMinimumWidth(640)
         self.manager = backend_manager
         self._test_task: Optional[QgsTask] = None
@@ -56,16 +57,16 @@ class SettingsDialog(QDialog):
         layout = QVBoxLayout(self)
         form = QFormLayout()
         python_row = QHBoxLayout()
-        python_row.addWidget(QLabel("Backend Python"))
+        python_row.addWidget(QLabel(tr("Backend Python")))
         self.pythonWidget = QgsFileWidget(self)
         self.pythonWidget.setStorageMode(QgsFileWidget.GetFile)
-        self.pythonWidget.setDialogTitle("Backend Python interpreter")
-        self.pythonWidget.setToolTip("The Python with PyTorch and the 'idgbr' backend. Leave empty to use the "
-                                     "environment made by the first-run setup.")
+        self.pythonWidget.setDialogTitle(tr("Backend Python interpreter"))
+        self.pythonWidget.setToolTip(tr("The Python with PyTorch and the 'idgbr' backend. Leave empty to use the "
+                                        "environment made by the first-run setup."))
         python_row.addWidget(self.pythonWidget, 1)
-        self.setupButton = QPushButton("Set up backend…")
-        self.setupButton.setToolTip("Create a dedicated environment with PyTorch and the backend, or adopt an "
-                                    "existing Python.")
+        self.setupButton = QPushButton(tr("Set up backend…"))
+        self.setupButton.setToolTip(tr("Create a dedicated environment with PyTorch and the backend, or adopt an "
+                                       "existing Python."))
         python_row.addWidget(self.setupButton)
         # Outside the form: a word-wrapped label in a form row gets clipped to one line's height.
         layout.addLayout(python_row)
@@ -74,60 +75,60 @@ class SettingsDialog(QDialog):
         layout.addWidget(self.pythonSourceLabel)
 
         self.indexEdit = QLineEdit(self)
-        self.indexEdit.setPlaceholderText("PyTorch's index, then your pip settings")
-        self.indexEdit.setToolTip("Where 'Set up backend…' downloads PyTorch and its libraries, for example your "
-                                  "organisation's mirror (https://mirror.example.org/simple). Empty: PyTorch's "
-                                  "own index when it can be reached, otherwise the default package index; a "
-                                  "package index in your pip settings is always kept.")
-        form.addRow("Package index (setup)", self.indexEdit)
+        self.indexEdit.setPlaceholderText(tr("PyTorch's index, then your pip settings"))
+        self.indexEdit.setToolTip(tr("Where 'Set up backend…' downloads PyTorch and its libraries, for example your "
+                                     "organisation's mirror (https://mirror.example.org/simple). Empty: PyTorch's "
+                                     "own index when it can be reached, otherwise the default package index; a "
+                                     "package index in your pip settings is always kept."))
+        form.addRow(tr("Package index (setup)"), self.indexEdit)
 
         self.deviceCombo = QComboBox(self)
         for device, text in (("auto", "Automatic (GPU when available)"), ("cpu", "CPU"),
                              ("cuda", "NVIDIA GPU (CUDA)"), ("mps", "Apple GPU (MPS)")):
             self.deviceCombo.addItem(text, device)
-        form.addRow("Device", self.deviceCombo)
+        form.addRow(tr("Device"), self.deviceCombo)
 
         self.modelCombo = QComboBox(self)
         for name in config.model_choices():
             card = config.read_model_card(config.bundled_models()[name])
             classes = ", ".join(str(c.get("name")) for c in card.get("classes") or [])
             self.modelCombo.addItem(f"{name} ({classes})" if classes else name, name)
-        self.modelCombo.addItem("Other model file…", OTHER_MODEL)
-        form.addRow("Model", self.modelCombo)
+        self.modelCombo.addItem(tr("Other model file…"), OTHER_MODEL)
+        form.addRow(tr("Model"), self.modelCombo)
         self.modelFile = QgsFileWidget(self)
         self.modelFile.setStorageMode(QgsFileWidget.GetFile)
-        self.modelFile.setFilter("IDGBR model bundles (*.safetensors)")
-        form.addRow("Model file", self.modelFile)
+        self.modelFile.setFilter(tr("IDGBR model bundles (*.safetensors)"))
+        form.addRow(tr("Model file"), self.modelFile)
 
         self.stepsSpin = QgsSpinBox(self)
         self.stepsSpin.setRange(config.MODEL_DEFAULT, config.MAX_STEPS)
-        self.stepsSpin.setSpecialValueText("Model default")
+        self.stepsSpin.setSpecialValueText(tr("Model default"))
         self.stepsSpin.setClearValue(config.MODEL_DEFAULT)
-        form.addRow("Steps", self.stepsSpin)
+        form.addRow(tr("Steps"), self.stepsSpin)
 
         # Advanced: only for rasters without a CRS or with wrong metadata.
         self.pixelSizeSpin = QgsDoubleSpinBox(self)
         self.pixelSizeSpin.setDecimals(3)
         self.pixelSizeSpin.setSingleStep(0.05)
         self.pixelSizeSpin.setRange(0.0, config.MAX_PIXEL_SIZE)
-        self.pixelSizeSpin.setSuffix(" m")
-        self.pixelSizeSpin.setSpecialValueText("From the layer's CRS")
+        self.pixelSizeSpin.setSuffix(tr(" m"))
+        self.pixelSizeSpin.setSpecialValueText(tr("From the layer's CRS"))
         self.pixelSizeSpin.setClearValue(0.0)
-        self.pixelSizeSpin.setToolTip("Advanced: the ground size of one input pixel, for rasters without a CRS or "
-                                      "with wrong metadata. Outside the model's range the model works on a "
-                                      "resampled copy; results are always on the layer's grid.")
-        form.addRow("Input pixel size (advanced)", self.pixelSizeSpin)
+        self.pixelSizeSpin.setToolTip(tr("Advanced: the ground size of one input pixel, for rasters without a CRS or "
+                                         "with wrong metadata. Outside the model's range the model works on a "
+                                         "resampled copy; results are always on the layer's grid."))
+        form.addRow(tr("Input pixel size (advanced)"), self.pixelSizeSpin)
 
         self.outputWidget = QgsFileWidget(self)
         self.outputWidget.setStorageMode(QgsFileWidget.GetDirectory)
         self.outputWidget.lineEdit().setPlaceholderText(str(config.default_output_dir()))
-        self.outputWidget.setToolTip("Where the dock writes its GeoTIFFs (kept, so saved projects still open).")
-        form.addRow("Results folder", self.outputWidget)
+        self.outputWidget.setToolTip(tr("Where the dock writes its GeoTIFFs (kept, so saved projects still open)."))
+        form.addRow(tr("Results folder"), self.outputWidget)
         layout.addLayout(form)
 
         test_row = QHBoxLayout()
-        self.testButton = QPushButton("Test backend")
-        self.testButton.setToolTip("Start the backend with this interpreter and report torch, device and GPU.")
+        self.testButton = QPushButton(tr("Test backend"))
+        self.testButton.setToolTip(tr("Start the backend with this interpreter and report torch, device and GPU."))
         test_row.addWidget(self.testButton)
         test_row.addStretch(1)
         layout.addLayout(test_row)
@@ -169,17 +170,17 @@ class SettingsDialog(QDialog):
     def _show_python_source(self) -> None:
         env = os.environ.get(ENV_PYTHON, "").strip()
         if env:
-            self.pythonSourceLabel.setText(f"The environment variable {ENV_PYTHON} is set: {env} is used, "
-                                           "not this field.")
+            self.pythonSourceLabel.setText(tr("The environment variable {variable} is set: {python} is used, not "
+                                              "this field.").format(variable=ENV_PYTHON, python=env))
             return
         if self.python_path():
             self.pythonSourceLabel.setText("")
             return
         try:
             path, source = find_python()
-            self.pythonSourceLabel.setText(f"Empty: uses {path} ({source}).")
+            self.pythonSourceLabel.setText(tr("Empty: uses {python} ({source}).").format(python=path, source=source))
         except BackendUnavailable:
-            self.pythonSourceLabel.setText("No backend found yet: press 'Set up backend…'.")
+            self.pythonSourceLabel.setText(tr("No backend found yet: press 'Set up backend…'."))
 
     # ------------------------------------------------------------------------------------------ values
     def python_path(self) -> str:
@@ -193,15 +194,16 @@ class SettingsDialog(QDialog):
         """Why the values cannot be saved, or None."""
         python = self.python_path()
         if python and not Path(python).is_file():
-            return f"The backend Python {python} does not exist: choose the python executable, or leave it empty."
+            return tr("The backend Python {python} does not exist: choose the python executable, or leave it "
+                      "empty.").format(python=python)
         model = self.model_value()
         if not model:
-            return "Choose a model file (.safetensors), or a bundled model."
+            return tr("Choose a model file (.safetensors), or a bundled model.")
         if config.model_file(model) is None:
-            return f"The model file {model} does not exist or is not a .safetensors bundle."
+            return tr("The model file {model} does not exist or is not a .safetensors bundle.").format(model=model)
         output = self.outputWidget.filePath().strip()
         if output and Path(output).exists() and not Path(output).is_dir():
-            return f"The results folder {output} is a file: choose a folder."
+            return tr("The results folder {folder} is a file: choose a folder.").format(folder=output)
         return config.index_url_problem(self.indexEdit.text())
 
     def save(self) -> None:
@@ -253,11 +255,12 @@ class SettingsDialog(QDialog):
             self._test_done(exc, None)
             return
         if not path.is_file():
-            self._test_done(BackendUnavailable(f"{path} does not exist: choose the python executable."), None)
+            self._test_done(BackendUnavailable(tr("{python} does not exist: choose the python executable.").format(
+                python=path)), None)
             return
         self.testButton.setEnabled(False)
-        self.testLabel.setText(f"Testing {path} (starting PyTorch can take a while)…")
-        task = QgsTask.fromFunction("IDGBR: testing the backend", _test, path, self.manager,
+        self.testLabel.setText(tr("Testing {python} (starting PyTorch can take a while)…").format(python=path))
+        task = QgsTask.fromFunction(tr("IDGBR: testing the backend"), _test, path, self.manager,
                                     on_finished=self._test_done)
         self._test_task = task
         QgsApplication.taskManager().addTask(task)
@@ -268,7 +271,7 @@ class SettingsDialog(QDialog):
             return
         self.testButton.setEnabled(True)
         if exception is not None:
-            text = f"Test failed: {exception}"
+            text = tr("Test failed: {reason}").format(reason=exception)
             self.testLabel.setText(text)
             self.testFinished.emit(False, text)
             return
@@ -294,15 +297,15 @@ def describe_health(health: Dict[str, Any]) -> str:
     device = str(health.get("device") or "cpu")
     name = health.get("device_name") or ("—" if device == "cpu" else device)
     lines = [
-        "Backend OK.",
+        tr("Backend OK."),
         f"torch {health.get('torch') or '?'}" + (f" (CUDA {health['torch_cuda']})" if health.get("torch_cuda") else ""),
-        f"Device: {device.upper() if device != 'mps' else 'MPS'}",
-        f"GPU: {name}",
+        tr("Device: {device}").format(device=device.upper() if device != "mps" else "MPS"),
+        tr("GPU: {name}").format(name=name),
     ]
     if device == "cpu" and health.get("device_reason"):
-        lines.append(f"Why CPU: {health['device_reason']}")
+        lines.append(tr("Why CPU: {reason}").format(reason=health["device_reason"]))
     if health.get("python"):
-        lines.append(f"Python: {health['python']}")
+        lines.append(tr("Python: {python}").format(python=health["python"]))
     return "\n".join(lines)
 
 

@@ -30,7 +30,8 @@ from qgis.PyQt.QtWidgets import (
 )
 
 from .. import setup_env
-from ..backend import SETTINGS_PYTHON
+from ..backend_process import SETTINGS_PYTHON
+from ..i18n import tr
 from ..setup_env import InstallPlan, SetupError
 from . import config
 
@@ -64,7 +65,7 @@ class SetupDialog(QDialog):
     def __init__(self, parent: Optional[QWidget] = None, backend_manager: object = None,
                  profile_dir: Optional[Path] = None, index_url: Optional[str] = None) -> None:
         super().__init__(parent)
-        self.setWindowTitle("IDGBR — set up the backend")
+        self.setWindowTitle(tr("IDGBR — set up the backend"))
         self.setMinimumWidth(620)
         self._manager = backend_manager
         # The package index from Settings (None: the saved one); empty means PyTorch's and pip's defaults.
@@ -86,34 +87,34 @@ class SetupDialog(QDialog):
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
         intro = QLabel(
-            "IDGBR runs its models with PyTorch in a separate Python, so QGIS's own Python is never changed. "
-            "Create a dedicated environment (downloads PyTorch, about 200 MB for the CPU build and 2.5 GB "
-            "for the CUDA build), or use a Python where PyTorch is already installed."
+            tr("IDGBR runs its models with PyTorch in a separate Python, so QGIS's own Python is never changed. "
+               "Create a dedicated environment (downloads PyTorch, about 200 MB for the CPU build and 2.5 GB "
+               "for the CUDA build), or use a Python where PyTorch is already installed.")
         )
         intro.setWordWrap(True)
         layout.addWidget(intro)
 
         grid = QGridLayout()
-        self.createRadio = QRadioButton("Create a dedicated environment (recommended)")
-        self.existingRadio = QRadioButton("Use an existing Python with PyTorch")
+        self.createRadio = QRadioButton(tr("Create a dedicated environment (recommended)"))
+        self.existingRadio = QRadioButton(tr("Use an existing Python with PyTorch"))
         self._choice = QButtonGroup(self)
         self._choice.addButton(self.createRadio)
         self._choice.addButton(self.existingRadio)
         self.createRadio.setChecked(True)
         grid.addWidget(self.createRadio, 0, 0, 1, 2)
-        self.venvLabel = QLabel(f"Folder: {self._venv}")
+        self.venvLabel = QLabel(tr("Folder: {folder}").format(folder=self._venv))
         self.venvLabel.setWordWrap(True)
         grid.addWidget(self.venvLabel, 1, 1)
-        grid.addWidget(QLabel("PyTorch build:"), 2, 0)
+        grid.addWidget(QLabel(tr("PyTorch build:")), 2, 0)
         self.buildCombo = QComboBox()
-        self.buildCombo.addItem("CPU", False)
-        self.buildCombo.addItem("CUDA 12.1 (NVIDIA GPU)", True)
+        self.buildCombo.addItem(tr("CPU"), False)
+        self.buildCombo.addItem(tr("CUDA 12.1 (NVIDIA GPU)"), True)
         grid.addWidget(self.buildCombo, 2, 1)
         grid.addWidget(self.existingRadio, 3, 0, 1, 2)
         self.pythonWidget = QgsFileWidget()
         self.pythonWidget.setStorageMode(QgsFileWidget.GetFile)
-        self.pythonWidget.setDialogTitle("Python interpreter with PyTorch")
-        grid.addWidget(QLabel("Python:"), 4, 0)
+        self.pythonWidget.setDialogTitle(tr("Python interpreter with PyTorch"))
+        grid.addWidget(QLabel(tr("Python:")), 4, 0)
         grid.addWidget(self.pythonWidget, 4, 1)
         grid.setColumnStretch(1, 1)
         layout.addLayout(grid)
@@ -128,13 +129,13 @@ class SetupDialog(QDialog):
         self.logView = QPlainTextEdit()
         self.logView.setReadOnly(True)
         self.logView.setMaximumBlockCount(5000)
-        self.logView.setPlaceholderText("The installation log appears here.")
+        self.logView.setPlaceholderText(tr("The installation log appears here."))
         layout.addWidget(self.logView, 1)
 
         self.buttons = QDialogButtonBox()
-        self.startButton = QPushButton("Start")
-        self.cancelButton = QPushButton("Cancel")
-        self.closeButton = QPushButton("Close")
+        self.startButton = QPushButton(tr("Start"))
+        self.cancelButton = QPushButton(tr("Cancel"))
+        self.closeButton = QPushButton(tr("Close"))
         self.buttons.addButton(self.startButton, QDialogButtonBox.ActionRole)
         self.buttons.addButton(self.cancelButton, QDialogButtonBox.ActionRole)
         self.buttons.addButton(self.closeButton, QDialogButtonBox.RejectRole)
@@ -149,8 +150,8 @@ class SetupDialog(QDialog):
         gpu = setup_env.has_nvidia_gpu()
         self.buildCombo.setCurrentIndex(1 if gpu else 0)
         self.buildCombo.setToolTip(
-            "An NVIDIA GPU was found (nvidia-smi): the CUDA build uses it." if gpu
-            else "No NVIDIA GPU was found (no nvidia-smi): the CPU build is the right one."
+            tr("An NVIDIA GPU was found (nvidia-smi): the CUDA build uses it.") if gpu
+            else tr("No NVIDIA GPU was found (no nvidia-smi): the CPU build is the right one.")
         )
 
     def _update_enabled(self) -> None:
@@ -206,7 +207,7 @@ class SetupDialog(QDialog):
         self.logView.clear()
         self._plan = None
         if python is None or not str(python):
-            self._finish(False, "Choose the Python interpreter (python.exe on Windows) that has PyTorch.")
+            self._finish(False, tr("Choose the Python interpreter (python.exe on Windows) that has PyTorch."))
             return
         try:
             info = setup_env.probe_python(python)
@@ -214,10 +215,10 @@ class SetupDialog(QDialog):
             if why:
                 raise SetupError(why)
             if not info.has_torch:
-                raise SetupError(
-                    f"Python {info.version_text} at {python} has no PyTorch. Choose 'Create a dedicated "
-                    "environment', or install PyTorch into that Python first (pytorch.org › Get started)."
-                )
+                raise SetupError(tr(
+                    "Python {version} at {python} has no PyTorch. Choose 'Create a dedicated environment', or "
+                    "install PyTorch into that Python first (pytorch.org › Get started)."
+                ).format(version=info.version_text, python=python))
             if info.has_idgbr:
                 plan = InstallPlan(base_python=info, venv=python.parent, python=python, cuda=False,
                                    backend_source=Path(), steps=[setup_env.Step(
@@ -225,12 +226,12 @@ class SetupDialog(QDialog):
             else:
                 source = setup_env.backend_source_dir()
                 answer = QMessageBox.question(
-                    self, "IDGBR",
-                    f"{python} has PyTorch but not the IDGBR backend. Install the backend and its libraries "
-                    "(numpy, rasterio, …) into that Python with pip? Its PyTorch is kept.",
+                    self, tr("IDGBR"),
+                    tr("{python} has PyTorch but not the IDGBR backend. Install the backend and its libraries "
+                       "(numpy, rasterio, …) into that Python with pip? Its PyTorch is kept.").format(python=python),
                 )
                 if answer != QMessageBox.Yes:
-                    raise SetupError("Nothing was installed. Choose 'Create a dedicated environment' instead.")
+                    raise SetupError(tr("Nothing was installed. Choose 'Create a dedicated environment' instead."))
                 plan = setup_env.plan_backend_into(info, source, self._index_url)
         except SetupError as exc:
             self._finish(False, str(exc))
@@ -258,8 +259,8 @@ class SetupDialog(QDialog):
             try:
                 setup_env.unmark(plan.venv)
             except OSError as exc:
-                self._finish(False, f"The environment {plan.venv} cannot be rebuilt ({exc}). Close the programs "
-                                    "that use it, then start the setup again.")
+                self._finish(False, tr("The environment {venv} cannot be rebuilt ({reason}). Close the programs "
+                                       "that use it, then start the setup again.").format(venv=plan.venv, reason=exc))
                 return
         self._next_step()
 
@@ -269,7 +270,9 @@ class SetupDialog(QDialog):
             self._succeeded()
             return
         step = self._plan.steps[self._index]
-        self.statusLabel.setText(f"Step {self._index + 1} of {len(self._plan.steps)}: {step.title}…")
+        self.statusLabel.setText(tr("Step {n} of {count}: {title}…").format(n=self._index + 1,
+                                                                            count=len(self._plan.steps),
+                                                                            title=step.title))
         self._log(f"\n== {step.title}\n$ {step.command_line()}")
         self._step_lines = 0
         self._step_log = []
@@ -310,12 +313,13 @@ class SetupDialog(QDialog):
         if error == QProcess.FailedToStart and self._process is not None:
             program = self._process.program()
             self._teardown_process()
-            self._finish(False, f"{program} could not be started ({self._process_error_text(error)}). "
-                                "Check that the file exists and that antivirus software allows it, then retry.")
+            self._finish(False, tr("{program} could not be started ({reason}). Check that the file exists and "
+                                   "that antivirus software allows it, then retry.").format(
+                program=program, reason=self._process_error_text(error)))
 
     @staticmethod
     def _process_error_text(error: QProcess.ProcessError) -> str:
-        return {QProcess.FailedToStart: "missing file or no permission to run it"}.get(error, str(int(error)))
+        return {QProcess.FailedToStart: tr("missing file or no permission to run it")}.get(error, str(int(error)))
 
     def _step_finished(self, exit_code: int, exit_status: QProcess.ExitStatus) -> None:
         self._read_output()
@@ -323,7 +327,7 @@ class SetupDialog(QDialog):
         assert self._plan is not None
         step = self._plan.steps[self._index]
         if self._cancelled:
-            self._finish(False, "Setup cancelled; the backend setting was not changed. Start again to retry.")
+            self._finish(False, tr("Setup cancelled; the backend setting was not changed. Start again to retry."))
             return
         log = "\n".join(self._step_log)
         if exit_status != QProcess.NormalExit or exit_code != 0:
@@ -331,7 +335,7 @@ class SetupDialog(QDialog):
                 self._log(f"(optional step failed, going on: exit code {exit_code})")
             else:
                 advice = setup_env.explain_failure(log, exit_code)
-                self._finish(False, f"'{step.title}' failed. {advice}")
+                self._finish(False, tr("'{title}' failed. {advice}").format(title=step.title, advice=advice))
                 return
         if self._index == len(self._plan.steps) - 1:
             self._check_output = list(self._step_log)
@@ -355,22 +359,23 @@ class SetupDialog(QDialog):
             self._finish(False, str(exc))
             return
         except OSError as exc:
-            self._finish(False, f"The environment works but could not be marked as complete ({exc}). Check "
-                                "the permissions of the QGIS profile folder, then start the setup again.")
+            self._finish(False, tr("The environment works but could not be marked as complete ({reason}). Check "
+                                   "the permissions of the QGIS profile folder, then start the setup again.").format(
+                reason=exc))
             return
         QgsSettings().setValue(SETTINGS_PYTHON, str(self._plan.python))
         forget = getattr(self._manager, "forget", None)
         if callable(forget):
             forget()  # the next job starts the service with the new interpreter
         self.progressBar.setValue(1000)
-        self._finish(True, f"The backend is ready: PyTorch {check.torch_version} on {check.device_text}, "
-                           f"Python {self._plan.python}.")
+        self._finish(True, tr("The backend is ready: PyTorch {torch} on {device}, Python {python}.").format(
+            torch=check.torch_version, device=check.device_text, python=self._plan.python))
         self.backendReady.emit(str(self._plan.python))
 
     def _finish(self, ok: bool, message: str) -> None:
         # Nothing half-built may stay behind to be mistaken for a backend (or fill the disk).
         if not ok and self._plan is not None and self._plan.dedicated and setup_env.remove_incomplete(self._plan.venv):
-            message += f" The unfinished environment {self._plan.venv} was removed."
+            message += " " + tr("The unfinished environment {venv} was removed.").format(venv=self._plan.venv)
         self._set_running(False)
         self.statusLabel.setText(message)
         self._log(("\nDone: " if ok else "\nStopped: ") + message)

@@ -270,3 +270,26 @@ def test_coarse_map_over_part_of_input_is_noted(crop_raster, raster_writer, tmp_
     with rasterio.open(out) as dst:
         ids = dst.read(1)
     assert (ids[:, :32] != 255).all() and (ids[:, 32:] == 255).all()
+
+
+@pytest.mark.parametrize("fields, parameter", [
+    ({"bands": [1, 2, 7]}, "bands"),
+    ({"extent": (0.0, 0.0, 10.0, 10.0)}, "extent"),
+    ({"steps": 0}, "steps"),
+    ({"min_confidence": 2.0}, "min_confidence"),
+    ({"pixel_size": -1.0}, "pixel_size"),
+    ({"device": "tpu"}, "device"),
+    ({"model": Path("/nonexistent/model.safetensors")}, "model"),
+    ({"coarse": Path("/nonexistent/coarse.tif")}, "coarse"),
+    ({"input": Path("/nonexistent/input.tif")}, "input"),
+])
+def test_errors_name_the_option_at_fault(crop_raster, tmp_path, fields, parameter):
+    """What a caller needs to point at its own control: the RunOptions field, besides the message."""
+    from idgbr.errors import IdgbrError
+    from idgbr.pipeline import RunOptions, run
+
+    options = {"input": crop_raster(32, 32), "output": tmp_path / "o.tif", **fields}
+    with pytest.raises(IdgbrError) as info:
+        run(RunOptions(**options))
+    assert (info.value.parameter, info.value.code) == (parameter, "bad_parameter"), str(info.value)
+    assert not (tmp_path / "o.tif").exists()

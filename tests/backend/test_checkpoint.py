@@ -25,6 +25,23 @@ def test_round_trip_keeps_weights_and_card(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_half_precision_weights_halve_the_file_and_load_as_float32(tmp_path):
+    tensors, card = load_checkpoint(default_model_path())
+    full, half = tmp_path / "full.safetensors", tmp_path / "half.safetensors"
+    save_checkpoint(full, tensors, {**card, "weights_dtype": "float32"})
+    save_checkpoint(half, tensors, {**card, "weights_dtype": "float16"})
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = load_checkpoint(half)
+    floats = [k for k, v in tensors.items() if v.is_floating_point()]
+    assert floats and all(loaded[k].dtype == torch.float32 for k in floats)
+    assert all(torch.allclose(loaded[k], tensors[k], rtol=1e-3, atol=1e-4) for k in floats)
+
+
+def test_bundled_models_are_shipped_in_half_precision():
+    for path in bundled_models().values():
+        assert read_card(path).get("weights_dtype") == "float16", path
+
+
 def test_bundled_models_have_complete_cards():
     models = bundled_models()
     assert {"dubai5", "roads2", "buildings2"} <= set(models)

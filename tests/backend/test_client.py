@@ -233,9 +233,23 @@ def test_failing_job_reports_its_message_and_the_service_keeps_serving(client: A
     with pytest.raises(bc.JobFailed) as info:
         client.wait(job_id, poll=0.1)
     assert "band" in str(info.value).lower()
+    assert (info.value.code, info.value.parameter) == ("bad_parameter", "bands")
     assert client.status(job_id)["state"] == "failed"
     assert list(tmp_path.iterdir()) == []
     assert client.health()["service"] == "idgbr"
+
+
+def test_refused_request_names_the_field_at_fault(client: Any, sample: Path, tmp_path: Path) -> None:
+    """A refusal carries a code and the field, and the service's own message without the request around it."""
+    missing = tmp_path / "no_coarse.tif"
+    with pytest.raises(bc.BackendError) as info:
+        client.submit(input=sample, output=tmp_path / "o.tif", coarse=missing)
+    refused = info.value
+    assert (refused.status, refused.code, refused.parameter) == (400, "bad_parameter", "coarse")
+    assert refused.message == f"coarse raster {missing} does not exist: check the path"
+    with pytest.raises(bc.BackendError) as info:
+        client.submit(input=sample, output=tmp_path / "o.tif", steps=500)
+    assert (info.value.status, info.value.code, info.value.parameter) == (422, "bad_parameter", "steps")
 
 
 def test_cancel_mid_job_leaves_no_output(client: Any, bundled_model: Path, sample: Path,

@@ -44,16 +44,16 @@ class FakeBundle:
         tensor = torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
         return (tensor - 100.0) / 50.0
 
-    def segment(self, images):
+    def segment(self, images, precision=None):
         assert images.shape[-1] % self.card["size_multiple"] == 0
         self.segment_tiles += images.shape[0]
         brightness = images.mean(dim=1, keepdim=True)
         centres = torch.tensor([-1.0, 0.0, 1.0])[None, :, None, None]
         return -((brightness - centres) ** 2) * 10
 
-    def refine(self, images, coarse_ids, origins, steps=None, seed=0, band=None, vocabulary=None):
+    def refine(self, images, coarse_ids, origins, steps=None, seed=0, band=None, vocabulary=None, precision=None):
         self.refine_tiles += images.shape[0]
-        self.refine_calls.append({"band": band, "vocabulary": vocabulary})
+        self.refine_calls.append({"band": band, "vocabulary": vocabulary, "precision": precision})
         batch, _, height, width = images.shape
         noise = torch.stack([position_noise(seed, o, (3, height, width)) for o in origins])
         one_hot = torch.nn.functional.one_hot(coarse_ids, 3).permute(0, 3, 1, 2).float()
@@ -383,3 +383,123 @@ def test_failed_run_leaves_neither_output(fake, crop_raster, tmp_path, monkeypat
     with pytest.raises(RuntimeError):
         run(RunOptions(input=src, output=tmp_path / "o.tif", confidence=tmp_path / "c.tif", tile=32, overlap=8))
     assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reads and writes on the I/O thread; the networks' precision
+# ------------------------------------------------------------------------------------------------------------
+def io_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == "idgbr-io"]
+
+
+def _both_ways(monkeypatch, tmp_path: Path, **options) -> list[tuple[np.ndarray, dict]]:
+    """Run ``options`` with reads and writes on the I/O thread and in the engine's own thread; each output's
+    pixels and tags, synchronous run first."""
+    results = []
+    for threaded in (False, True):
+        monkeypatch.setattr(pipeline, "IO_THREAD", threaded)
+        folder = tmp_path / ("threaded" if threaded else "synchronous")
+        folder.mkdir()
+        conf = folder / "conf.tif" if options.get("mode", "refine") == "refine" else None
+        run(RunOptions(output=folder / "out.tif", confidence=conf, **options))
+        for path in (folder / "out.tif", conf):
+            if path is not None:
+                with rasterio.open(path) as dst:
+                    results.append((dst.read(1), dst.tags()))
+    assert not io_threads()
+    return results
+
+
+@pytest.mark.parametrize("case", ["segment", "refine", "coarse map on another grid", "resampled passes"])
+def test_the_io_thread_writes_exactly_what_a_synchronous_run_writes(fake, crop_raster, raster_writer, tmp_path,
+                                                                    monkeypatch, case):
+    monkeypatch.setattr(pipeline, "default_batch", lambda device: 3)
+    monkeypatch.setattr(pipeline, "BLOCK_WIDTH", 128)  # several column blocks
+    with rasterio.open(crop_raster(300, 170, col=250, row=300)) as s:
+        data, crs, transform = s.read(), s.crs, s.transform
+    data[:, :9, :] = 0  # nodata rows
+    src = raster_writer("in.tif", data, crs=crs, transform=transform, nodata=0)
+    options = {"input": src, "tile": 48, "overlap": 12}
+    if case == "segment":
+        options["mode"] = "segment"
+    elif case == "coarse map on another grid":
+        ids = np.zeros((85, 150), np.uint8)
+        ids[:, 60:] = 2
+        ids[40:, 100:] = 1
+        options["coarse"] = raster_writer("coarse.tif", ids, crs=crs, transform=transform * transform.scale(2, 2))
+    elif case == "resampled passes":
+        options.update(pixel_size=0.05, tile=32, overlap=8)  # coarse and refine passes on two virtual grids
+    results = _both_ways(monkeypatch, tmp_path, **options)
+    half = len(results) // 2
+    for (synchronous, sync_tags), (threaded, thread_tags) in zip(results[:half], results[half:]):
+        np.testing.assert_array_equal(threaded, synchronous)
+        assert thread_tags == sync_tags
+    assert (results[0][0] == 255).any() and (results[0][0] != 255).any()
+
+
+@pytest.mark.parametrize("where", ["read", "write"])
+def test_an_error_on_the_io_thread_reaches_the_caller_and_leaves_nothing(fake, crop_raster, tmp_path, monkeypatch,
+                                                                          where):
+    from idgbr.raster import engine, io
+
+    src = crop_raster(200, 200)
+    threads = []
+    real = engine.read_pixels if where == "read" else io.GeoTiffWriter.write
+
+    def failing(*args):
+        threads.append(threading.current_thread().name)
+        if len(threads) == 2:
+            raise IdgbrError(f"the {where} failed")
+        return real(*args)
+
+    if where == "read":
+        monkeypatch.setattr(engine, "read_pixels", failing)
+    else:
+        monkeypatch.setattr(io.GeoTiffWriter, "write", failing)
+    with pytest.raises(IdgbrError, match=f"the {where} failed"):
+        run(RunOptions(input=src, output=tmp_path / "o.tif", confidence=tmp_path / "c.tif", tile=32, overlap=8))
+    assert set(threads) == {"idgbr-io"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [src.name]
+    assert not io_threads()
+
+
+def test_cancel_stops_the_io_thread_too(fake, crop_raster, tmp_path):
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(len(io_threads()))
+        if len(seen) == 3:
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run(RunOptions(input=crop_raster(200, 200), output=tmp_path / "out.tif", tile=32, overlap=8),
+            progress=progress, cancel=cancel)
+    assert seen[-1] == 1  # the run had its I/O thread going ...
+    assert not io_threads()  # ... and stopped it
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(("out", ".out"))] == []
+
+
+def test_precision_reaches_the_networks_the_tags_and_the_notes(fake, raster_writer, tmp_path):
+    src, coarse, _ = _halves(raster_writer)
+    out = tmp_path / "o.tif"
+    result = run(RunOptions(input=src, output=out, coarse=coarse, tile=64, overlap=16, precision="bf16"))
+    assert result.precision == "bf16" and {c["precision"] for c in fake.refine_calls} == {"bf16"}
+    assert any(note.startswith("Precision: bf16 for the networks") for note in result.notes)
+    with rasterio.open(out) as dst:
+        assert dst.tags()["IDGBR_PRECISION"] == "bf16"
+    default = run(RunOptions(input=src, output=tmp_path / "d.tif", coarse=coarse, tile=64, overlap=16))
+    assert default.precision == "fp32"  # on the CPU, bf16 is chosen, never assumed
+
+
+@pytest.mark.parametrize("precision, message", [
+    ("fp16", r"fp16 runs only on a CUDA GPU, and this run is on the CPU\. Use --precision bf16"),
+    ("fast", r"Unknown precision 'fast': use auto, fp32, bf16 or fp16"),
+])
+def test_unusable_precisions_fail_before_writing(fake, crop_raster, tmp_path, precision, message):
+    src = crop_raster(32, 32, name="in.tif")
+    with pytest.raises(IdgbrError, match=message) as failure:
+        run(RunOptions(input=src, output=tmp_path / "o.tif", precision=precision))
+    assert failure.value.parameter == "precision"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
+    assert fake.segment_tiles == fake.refine_tiles == 0

@@ -30,7 +30,7 @@ os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 from qgis.core import QgsApplication, QgsRasterLayer  # noqa: E402
 
-from idgbr_qgis.backend import BackendManager, development_python  # noqa: E402
+from idgbr_qgis.backend_process import BackendManager, development_python  # noqa: E402
 
 SAMPLE_DIR = REPO_ROOT / "resources" / "sample"
 MODELS_DIR = Path(os.environ.get("IDGBR_MODELS_DIR") or REPO_ROOT / "resources" / "models")

@@ -25,15 +25,18 @@ from qgis.PyQt.QtCore import QPoint, Qt
 from qgis.PyQt.QtTest import QTest
 from qgis.PyQt.QtWidgets import QApplication
 
-from idgbr_qgis.backend import BackendManager, BackendUnavailable
+from idgbr_qgis.backend_process import BackendManager, BackendUnavailable
 from idgbr_qgis.ui import config
-from idgbr_qgis.ui.dock import COARSE_SUFFIX, CONFIDENCE_SUFFIX, REFINED_SUFFIX, IdgbrDock
+from idgbr_qgis.ui.dock import IdgbrDock
 
 # The sample: 1000 × 1000 px, EPSG:32640, 0.5 m pixels, upper-left corner (320000, 2790000).
 X0, Y0, PIXEL = 320000.0, 2790000.0, 0.5
 LAYER_CRS = "EPSG:32640"
 KEYS = (config.KEY_DEVICE, config.KEY_MODEL, config.KEY_STEPS, config.KEY_BAND, config.KEY_VOCABULARY,
-        config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_OUTPUT_DIR)
+        config.KEY_MIN_CONFIDENCE, config.KEY_SHOW_CONFIDENCE, config.KEY_SHOW_CHANGES, config.KEY_OUTPUT_DIR)
+# The result layers' names: after the input and the model.
+REFINED, COARSE, CONFIDENCE, CHANGES = (f"{{}} — {what} (dubai5)" for what in
+                                        ("refined", "coarse", "confidence", "changed pixels"))
 
 
 @pytest.fixture
@@ -183,7 +186,7 @@ def test_drawn_extent_runs_in_a_task_and_adds_the_styled_layers(dock, qgis_canva
 
     group = result_group("dubai")
     names = [node.name() for node in group.findLayers()]
-    assert names == [f"dubai{REFINED_SUFFIX}", f"dubai{COARSE_SUFFIX}"]
+    assert names == [REFINED.format("dubai"), COARSE.format("dubai")]
     refined_node, coarse_node = group.findLayers()
     assert refined_node.isVisible() and not coarse_node.isVisible()
     refined = refined_node.layer()
@@ -263,6 +266,105 @@ def test_whole_layer_and_an_existing_class_layer_as_coarse_map(dock, sample_rast
     refined_node, coarse_node = result_group("small").findLayers()
     assert refined_node.layer().width() == 160 and refined_node.layer().height() == 120
     assert coarse_node.layer().source() == classes.source() and not coarse_node.isVisible()
+
+
+def test_coarse_layer_in_another_crs_that_must_be_copied_covers_a_drawn_extent(dock, idgbr_backend, qgis_iface,
+                                                                              qgis_canvas, sample_raster,
+                                                                              sample_labels, tmp_path):
+    """A class layer the backend cannot open (zipped) in Web Mercator, the image in UTM, an extent drawn on a
+    WGS 84 map: the coarse copy is cut in its own CRS around the extent, so the refined map covers the extent
+    and equals a run on the same class map given as a plain file."""
+    import zipfile
+
+    import numpy as np
+    from osgeo import gdal
+
+    mercator = tmp_path / "labels_3857.tif"
+    gdal.Warp(str(mercator), str(sample_labels), dstSRS="EPSG:3857", xRes=1.0, yRes=1.0, resampleAlg="near")
+    archive = tmp_path / "labels.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.write(mercator, "labels_3857.tif")
+    layer = add_sample(sample_raster)
+    classes = add_sample(f"/vsizip/{archive}/labels_3857.tif", "zipped labels")
+    assert classes.crs().authid() == "EPSG:3857"
+    dock.layerCombo.setLayer(layer)
+    dock.coarseSourceCombo.setCurrentIndex(dock.coarseSourceCombo.findData("layer"))
+    dock.coarseLayerCombo.setLayer(classes)
+    dock.bandSpin.setValue(0)  # band 0: the refined map is the coarse map on the input's grid, nothing else
+    dock.vocabularySpin.setValue(config.RULE_OFF)
+    wanted = QgsRectangle(X0 + 200.3, Y0 - 290.1, X0 + 251.7, Y0 - 230.6)
+    to_wgs84 = QgsCoordinateTransform(QgsCoordinateReferenceSystem(LAYER_CRS),
+                                      QgsCoordinateReferenceSystem("EPSG:4326"), QgsProject.instance())
+    set_canvas(qgis_canvas, "EPSG:4326", to_wgs84.transformBoundingBox(layer.extent()))
+    drawn = to_wgs84.transformBoundingBox(wanted)
+    dock.set_drawn_extent(drawn)
+    qgis_iface.messageBar().clear_messages()
+    ok, message = run_and_wait(dock)
+    assert ok, message
+    notes = qgis_iface.messageBar().get_messages(Qgis.Info)
+    assert not any("covers only part" in note for note in notes), notes
+
+    refined = result_group("dubai").findLayers()[0].layer()
+    back = to_wgs84.transformBoundingBox(drawn, Qgis.TransformDirection.Reverse)
+    got = refined.extent()
+    assert got.contains(back) and refined.crs().authid() == LAYER_CRS
+
+    reference = tmp_path / "reference.tif"
+    client = idgbr_backend.client()
+    job = client.submit(input=str(sample_raster), output=str(reference), coarse=str(mercator), mode="refine",
+                        extent=[drawn.xMinimum(), drawn.yMinimum(), drawn.xMaximum(), drawn.yMaximum()],
+                        extent_crs="EPSG:4326", steps=2, band=0, vocabulary=-1, device="cpu")
+    client.wait(job, poll=0.1)
+
+    def ids(path):
+        dataset = gdal.Open(str(path))
+        try:
+            return dataset.GetGeoTransform(), dataset.GetRasterBand(1).ReadAsArray()
+        finally:
+            dataset = None
+
+    (grid, values), (reference_grid, reference_values) = ids(refined.source()), ids(reference)
+    assert grid == pytest.approx(reference_grid)
+    assert np.array_equal(values, reference_values)
+    assert (values != 255).mean() > 0.99, "the coarse map covered the whole extent"
+
+
+def test_image_is_preselected_over_an_active_class_raster(qgis_iface, project, dock_settings, sample_raster,
+                                                         sample_labels):
+    """A class raster as the active layer is offered as the class layer, not as the image to refine."""
+    manager = BackendManager(locate=lambda: (_ for _ in ()).throw(BackendUnavailable("none")))
+    labels = add_sample(sample_labels, "labels")
+    image = add_sample(sample_raster, "image")
+    qgis_iface.setActiveLayer(labels)
+    widget = make_dock(qgis_iface, manager)
+    try:
+        assert widget.layerCombo.currentLayer() is image
+        assert widget.coarseLayerCombo.currentLayer() is labels
+        # A raster added later does not replace the image already chosen.
+        add_sample(sample_raster, "later")
+        assert widget.layerCombo.currentLayer() is image
+    finally:
+        widget.shutdown()
+        widget.deleteLater()
+
+
+def test_single_band_image_needs_the_band_mapping(dock, sample_raster, tmp_path):
+    """One band: the failure points at 'Band mapping'; mapping band 1 to red, green and blue then runs."""
+    from osgeo import gdal
+
+    grey = tmp_path / "grey.tif"
+    gdal.Translate(str(grey), str(sample_raster), srcWin=[400, 400, 64, 64], bandList=[2])
+    dock.layerCombo.setLayer(add_sample(grey, "grey"))
+    dock.set_extent_mode("layer")
+    assert dock.band_mapping() is None
+    ok, message = run_and_wait(dock)
+    assert not ok and "has 1 band" in message and "Band mapping" in message
+    dock.set_band_mapping([1, 1, 1])
+    assert dock.band_mapping() == [1, 1, 1]
+    ok, message = run_and_wait(dock)
+    assert ok, message
+    refined = result_group("grey").findLayers()[0].layer()
+    assert (refined.width(), refined.height()) == (64, 64)
 
 
 # ---------------------------------------------------------------------------------------- interruptions
@@ -406,16 +508,16 @@ def test_after_a_failed_setup_the_dock_offers_the_setup_again(qgis_iface, projec
     message names the button, not a developer command."""
     import venv
 
-    from idgbr_qgis import backend
+    from idgbr_qgis import backend_process
 
     profile_venv = tmp_path / "profile" / "idgbr" / "venv"
     venv.EnvBuilder(with_pip=False).create(profile_venv)  # what a setup that failed after its first step leaves
-    monkeypatch.setattr(backend, "profile_venv", lambda: profile_venv)
-    monkeypatch.setattr(backend, "dev_checkout_venv", lambda: tmp_path / "no-checkout")
-    monkeypatch.delenv(backend.ENV_PYTHON, raising=False)
+    monkeypatch.setattr(backend_process, "profile_venv", lambda: profile_venv)
+    monkeypatch.setattr(backend_process, "dev_checkout_venv", lambda: tmp_path / "no-checkout")
+    monkeypatch.delenv(backend_process.ENV_PYTHON, raising=False)
     settings = QgsSettings()
-    saved = settings.value(backend.SETTINGS_PYTHON, None)
-    settings.remove(backend.SETTINGS_PYTHON)
+    saved = settings.value(backend_process.SETTINGS_PYTHON, None)
+    settings.remove(backend_process.SETTINGS_PYTHON)
     widget = make_dock(qgis_iface, BackendManager(state_dir=tmp_path / "state"))
     try:
         widget.check_backend()
@@ -428,7 +530,7 @@ def test_after_a_failed_setup_the_dock_offers_the_setup_again(qgis_iface, projec
         widget.shutdown()
         widget.deleteLater()
         if saved is not None:
-            settings.setValue(backend.SETTINGS_PYTHON, saved)
+            settings.setValue(backend_process.SETTINGS_PYTHON, saved)
 
 
 def test_settings_persist_between_docks(qgis_iface, project, dock_settings):
@@ -481,7 +583,8 @@ def test_rule_widgets_show_the_model_defaults_and_off(qgis_iface, project, dock_
         dock.deleteLater()
 
 
-def test_show_confidence_adds_the_styled_confidence_layer(dock, sample_raster, dock_settings, tmp_path):
+def test_show_confidence_and_changed_pixels_add_their_styled_layers(dock, sample_raster, dock_settings, tmp_path):
+    import numpy as np
     from osgeo import gdal
     from qgis.core import QgsSingleBandPseudoColorRenderer
 
@@ -490,13 +593,15 @@ def test_show_confidence_adds_the_styled_confidence_layer(dock, sample_raster, d
     dock.layerCombo.setLayer(add_sample(small, "dubai"))
     dock.set_extent_mode("layer")
     dock.showConfidenceCheck.setChecked(True)
+    dock.showChangesCheck.setChecked(True)
     dock.minConfidenceSpin.setValue(0.4)
     ok, message = run_and_wait(dock)
     assert ok, message
     group = result_group("dubai")
     names = [node.name() for node in group.findLayers()]
-    assert names == [f"dubai{CONFIDENCE_SUFFIX}", f"dubai{REFINED_SUFFIX}", f"dubai{COARSE_SUFFIX}"]
-    confidence_node, refined_node, _coarse = group.findLayers()
+    assert names == [CONFIDENCE.format("dubai"), CHANGES.format("dubai"), REFINED.format("dubai"),
+                     COARSE.format("dubai")]
+    confidence_node, changes_node, refined_node, coarse_node = group.findLayers()
     confidence, refined = confidence_node.layer(), refined_node.layer()
     assert confidence_node.isVisible() and confidence.isValid()
     assert isinstance(confidence.renderer(), QgsSingleBandPseudoColorRenderer)
@@ -504,3 +609,55 @@ def test_show_confidence_adds_the_styled_confidence_layer(dock, sample_raster, d
     assert confidence.crs() == refined.crs()
     assert confidence.dataProvider().dataType(1) == Qgis.Float32
     assert Path(confidence.source()).parent == dock_settings
+
+    # The changed pixels: shown over the class map, exactly where the refined and the coarse map differ.
+    changes = changes_node.layer()
+    assert changes_node.isVisible() and isinstance(changes.renderer(), QgsPalettedRasterRenderer)
+    assert changes.extent() == refined.extent() and (changes.width(), changes.height()) == (128, 96)
+
+    def read(layer):
+        dataset = gdal.Open(layer.source())
+        try:
+            band = dataset.GetRasterBand(1)
+            return band.ReadAsArray(), band.GetNoDataValue()
+        finally:
+            dataset = None
+
+    (marked, nodata), (ids, _), (coarse_ids, _) = read(changes), read(refined), read(coarse_node.layer())
+    valid = marked != nodata
+    assert valid.any()
+    assert np.array_equal(marked[valid] == 1, (ids != coarse_ids)[valid])
+    assert config.UserSettings.load().show_changes, "the choice is kept for the next run"
+
+
+def test_the_panel_speaks_the_installed_translation(qgis_iface, project, dock_settings):
+    """Every text of the panel goes through the plugin's translation context: a translator for it is used."""
+    import re
+
+    from qgis.PyQt.QtCore import QCoreApplication, QTranslator
+
+    from idgbr_qgis.i18n import CONTEXT
+
+    class Shouting(QTranslator):
+        def translate(self, context, text, disambiguation=None, n=-1):  # noqa: ARG002 - Qt's signature
+            if context != CONTEXT:
+                return ""
+            # Upper case, placeholders kept as a translator keeps them.
+            return "".join(part if part.startswith("{") else part.upper()
+                           for part in re.split(r"(\{[^}]*\})", text))
+
+        def isEmpty(self) -> bool:  # noqa: N802 - Qt's name
+            return False
+
+    translator = Shouting()
+    QCoreApplication.installTranslator(translator)
+    manager = BackendManager(locate=lambda: (_ for _ in ()).throw(BackendUnavailable("none")))
+    widget = make_dock(qgis_iface, manager)
+    try:
+        assert widget.runButton.text() == "RUN" and widget.drawRadio.text() == "DRAW ON THE MAP"
+        assert widget.showChangesCheck.text() == "SHOW CHANGED PIXELS"
+        assert widget.bandsGroup.title() == "BAND MAPPING"
+    finally:
+        QCoreApplication.removeTranslator(translator)
+        widget.shutdown()
+        widget.deleteLater()

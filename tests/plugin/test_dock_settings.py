@@ -10,7 +10,7 @@ import pytest
 from qgis.core import QgsSettings
 from qgis.PyQt.QtWidgets import QApplication
 
-from idgbr_qgis.backend import SETTINGS_PYTHON, BackendManager, BackendUnavailable
+from idgbr_qgis.backend_process import SETTINGS_PYTHON, BackendManager, BackendUnavailable
 from idgbr_qgis.ui import config
 from idgbr_qgis.ui.settings_dialog import SettingsDialog, describe_health
 
@@ -178,31 +178,39 @@ def test_model_choices_come_from_the_bundled_files():
     assert config.read_model_card(Path(__file__)) == {}
 
 
+class RecordingClient:
+    """Stands in for the backend client: records the jobs it is given, each one succeeds at once."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict] = []
+
+    def client(self) -> RecordingClient:  # also the manager: the runner asks it for a client
+        return self
+
+    def models(self) -> list:
+        return []
+
+    def submit(self, **fields):
+        self.submitted.append(fields)
+        return str(len(self.submitted))
+
+    def wait(self, job_id, **_kwargs):
+        return {"state": "succeeded", "result": {"classes": [], "notes": []}}
+
+
 @pytest.mark.parametrize("setting, sent", [(0.05, 0.05), (0.0, None)])
 def test_dock_run_sends_the_pixel_size_setting(sample_raster, tmp_path, setting, sent):
     """Settings… ▸ Input pixel size reaches both backend jobs of a dock run (coarse, refine); 0 sends none."""
     from qgis.core import QgsRasterLayer
 
-    from idgbr_qgis.processing import sources
-    from idgbr_qgis.ui.refine_task import RefineTask, RunRequest
+    from idgbr_qgis.jobs import inputs
+    from idgbr_qgis.jobs.spec import JobSpec
+    from idgbr_qgis.ui.refine_task import RefineTask
 
-    submitted: list[dict] = []
-
-    class Client:
-        def submit(self, **fields):
-            submitted.append(fields)
-            return str(len(submitted))
-
-        def wait(self, job_id, **_kwargs):
-            return {"state": "succeeded", "result": {"classes": [], "notes": []}}
-
-    class Manager:
-        def client(self):
-            return Client()
-
+    backend = RecordingClient()
     layer = QgsRasterLayer(str(sample_raster), "sample")
-    request = RunRequest(layer_name="sample", source=sources.describe(layer), output=tmp_path / "r.tif",
-                         coarse_output=tmp_path / "c.tif", input_pixel_size=config.pixel_size_field(setting))
-    assert RefineTask(Manager(), request).run()
-    assert [job["mode"] for job in submitted] == ["segment", "refine"]
-    assert [job.get("pixel_size") for job in submitted] == [sent, sent]
+    spec = JobSpec(mode="refine", input=inputs.describe(layer), output=tmp_path / "r.tif",
+                   coarse_output=tmp_path / "c.tif", pixel_size=config.pixel_size_field(setting))
+    assert RefineTask(backend, spec, "sample").run()
+    assert [job["mode"] for job in backend.submitted] == ["segment", "refine"]
+    assert [job.get("pixel_size") for job in backend.submitted] == [sent, sent]

@@ -182,8 +182,8 @@ def test_unpacked_plugin_opens_its_dock_and_finds_its_backend_source(profile, tm
         from idgbr_qgis import setup_env
         assert idgbr_qgis.__file__.startswith({str(plugins)!r}), idgbr_qgis.__file__
         assert setup_env.backend_source_dir() == setup_env.plugin_dir() / "backend"
-        import idgbr_qgis.backend as manager_module
-        assert manager_module.__file__.endswith("backend.py"), manager_module.__file__
+        import idgbr_qgis.backend_process as manager_module
+        assert manager_module.__file__.endswith("backend_process.py"), manager_module.__file__
         window = QMainWindow()
         iface = MagicMock()
         iface.mainWindow.return_value = window

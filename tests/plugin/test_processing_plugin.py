@@ -13,7 +13,7 @@ from qgis.PyQt.QtWidgets import QDockWidget
 
 import idgbr_qgis
 from idgbr_qgis import backend_client
-from idgbr_qgis.backend import BackendManager
+from idgbr_qgis.backend_process import BackendManager
 
 REPO_ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,8 @@ from qgis.core import (
     QgsRectangle,
 )
 
-from idgbr_qgis.processing import sources
+from idgbr_qgis.jobs import inputs
+from idgbr_qgis.jobs.outcome import JobError
 from idgbr_qgis.styling import apply_class_style, categorized_renderer, class_data
 
 REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
@@ -85,7 +86,7 @@ def test_missing_backend_is_explained(idgbr_provider, sample_raster, tmp_path):
     """Without a backend interpreter the run fails with the way to set one up, and writes nothing."""
     import processing
 
-    from idgbr_qgis.backend import BackendManager, BackendUnavailable
+    from idgbr_qgis.backend_process import BackendManager, BackendUnavailable
 
     def locate():
         raise BackendUnavailable("No IDGBR backend is installed yet. Open Plugins ▸ IDGBR ▸ Settings…")
@@ -102,34 +103,34 @@ def test_missing_backend_is_explained(idgbr_provider, sample_raster, tmp_path):
 def test_explicit_python_setting_that_does_not_exist(monkeypatch, tmp_path):
     from qgis.core import QgsSettings
 
-    from idgbr_qgis import backend
+    from idgbr_qgis import backend_process
 
-    monkeypatch.delenv(backend.ENV_PYTHON, raising=False)
+    monkeypatch.delenv(backend_process.ENV_PYTHON, raising=False)
     settings = QgsSettings()
-    old = settings.value(backend.SETTINGS_PYTHON)
-    settings.setValue(backend.SETTINGS_PYTHON, str(tmp_path / "nowhere" / "python"))
+    old = settings.value(backend_process.SETTINGS_PYTHON)
+    settings.setValue(backend_process.SETTINGS_PYTHON, str(tmp_path / "nowhere" / "python"))
     try:
-        with pytest.raises(backend.BackendUnavailable, match="does not exist.*Settings"):
-            backend.find_python()
+        with pytest.raises(backend_process.BackendUnavailable, match="does not exist.*Settings"):
+            backend_process.find_python()
         # IDGBR_PYTHON, set for one process, wins over the setting.
-        monkeypatch.setenv(backend.ENV_PYTHON, sys.executable)
-        path, source = backend.find_python()
-        assert path == Path(sys.executable) and backend.ENV_PYTHON in source
+        monkeypatch.setenv(backend_process.ENV_PYTHON, sys.executable)
+        path, source = backend_process.find_python()
+        assert path == Path(sys.executable) and backend_process.ENV_PYTHON in source
     finally:
         if old is None:
-            settings.remove(backend.SETTINGS_PYTHON)
+            settings.remove(backend_process.SETTINGS_PYTHON)
         else:
-            settings.setValue(backend.SETTINGS_PYTHON, old)
+            settings.setValue(backend_process.SETTINGS_PYTHON, old)
 
 
 def test_python_candidates_order(monkeypatch):
-    from idgbr_qgis import backend
+    from idgbr_qgis import backend_process
 
-    monkeypatch.setenv(backend.ENV_PYTHON, "/somewhere/python")
-    sources_ = [source for source, _path, _explicit in backend.python_candidates()]
-    assert backend.ENV_PYTHON in sources_[0]
+    monkeypatch.setenv(backend_process.ENV_PYTHON, "/somewhere/python")
+    sources_ = [source for source, _path, _explicit in backend_process.python_candidates()]
+    assert backend_process.ENV_PYTHON in sources_[0]
     assert "checkout" in sources_[-2] and "first-run setup" in sources_[-1]
-    assert backend.python_candidates()[-1][1].parent.parent == backend.profile_venv()
+    assert backend_process.python_candidates()[-1][1].parent.parent == backend_process.profile_venv()
 
 
 # ----------------------------------------------------------------------------------------------------- styling
@@ -191,7 +192,7 @@ def test_categorized_polygon_style():
 
 
 def test_plain_file_passes_through(sample_raster, load_raster):
-    assert sources.plain_file(load_raster(sample_raster)) == sample_raster
+    assert inputs.plain_file(load_raster(sample_raster)) == sample_raster
 
 
 def test_zipped_layer_is_copied_on_its_own_grid(sample_raster, tmp_path, load_raster):
@@ -199,11 +200,11 @@ def test_zipped_layer_is_copied_on_its_own_grid(sample_raster, tmp_path, load_ra
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(sample_raster, "inner.tif")
     layer = load_raster(f"/vsizip/{archive}/inner.tif", "zipped")
-    assert sources.plain_file(layer) is None
-    source = sources.describe(layer)
+    assert inputs.plain_file(layer) is None
+    source = inputs.describe(layer)
     # A window that does not fall on pixel edges: the copy snaps outwards to the layer's own grid.
     wanted = QgsRectangle(320010.2, 2789890.3, 320050.1, 2789950.9)
-    copy = sources.export(source, tmp_path / "copy.tif", wanted, 0.5, QgsCoordinateTransformContext())
+    copy = inputs.export(source, tmp_path / "copy.tif", wanted, 0.5, QgsCoordinateTransformContext())
     copied = load_raster(copy, "copy")
     assert copied.crs().authid() == "EPSG:32640"
     assert copied.bandCount() == 3
@@ -222,26 +223,26 @@ def test_copy_of_extent_outside_layer_names_the_problem(sample_raster, tmp_path,
     archive = tmp_path / "s.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.write(sample_raster, "inner.tif")
-    source = sources.describe(load_raster(f"/vsizip/{archive}/inner.tif"))
-    with pytest.raises(QgsProcessingException, match="does not overlap the layer"):
-        sources.export(source, tmp_path / "c.tif", QgsRectangle(0, 0, 10, 10), 0.5, QgsCoordinateTransformContext())
+    source = inputs.describe(load_raster(f"/vsizip/{archive}/inner.tif"))
+    with pytest.raises(JobError, match="does not overlap the layer"):
+        inputs.export(source, tmp_path / "c.tif", QgsRectangle(0, 0, 10, 10), 0.5, QgsCoordinateTransformContext())
     assert not (tmp_path / "c.tif").exists()
 
 
 def test_web_layer_window_uses_ground_pixel_size():
     """A tile layer has no pixel grid: its copy samples the extent at the model's size in metres."""
     mercator = QgsCoordinateReferenceSystem("EPSG:3857")
-    source = sources.RasterSource(name="tiles", crs=mercator, extent=QgsRectangle(-2e7, -2e7, 2e7, 2e7),
+    source = inputs.RasterSource(name="tiles", crs=mercator, extent=QgsRectangle(-2e7, -2e7, 2e7, 2e7),
                                   width=0, height=0)
     # ~100 m box near Dubai (25.2° N): Web Mercator metres are 1/cos(lat) larger than ground metres.
     box = QgsRectangle(6_130_000, 2_900_000, 6_130_110.6, 2_900_110.6)
-    rect, columns, rows = sources.web_window(source, box, 0.5, QgsCoordinateTransformContext())
+    rect, columns, rows = inputs.web_window(source, box, 0.5, QgsCoordinateTransformContext())
     assert rect == box
     assert columns == pytest.approx(200, abs=3) and rows == pytest.approx(200, abs=3)
-    with pytest.raises(QgsProcessingException, match="set EXTENT"):
-        sources.web_window(source, None, 0.5, QgsCoordinateTransformContext())
-    with pytest.raises(QgsProcessingException, match="smaller EXTENT"):
-        sources.web_window(source, QgsRectangle(6e6, 2e6, 6.2e6, 2.2e6), 0.5, QgsCoordinateTransformContext())
+    with pytest.raises(JobError, match="set EXTENT"):
+        inputs.web_window(source, None, 0.5, QgsCoordinateTransformContext())
+    with pytest.raises(JobError, match="smaller EXTENT"):
+        inputs.web_window(source, QgsRectangle(6e6, 2e6, 6.2e6, 2.2e6), 0.5, QgsCoordinateTransformContext())
 
 
 def test_layer_with_crs_set_in_qgis_is_copied(tmp_path, sample_raster, load_raster):
@@ -256,7 +257,7 @@ def test_layer_with_crs_set_in_qgis_is_copied(tmp_path, sample_raster, load_rast
     layer = QgsRasterLayer(str(bare), "bare", "gdal")
     assert layer.isValid()
     layer.setCrs(QgsCoordinateReferenceSystem("EPSG:32640"))
-    assert sources.plain_file(layer) is None
-    copy = sources.export(sources.describe(layer), tmp_path / "with_crs.tif", None, 0.5,
+    assert inputs.plain_file(layer) is None
+    copy = inputs.export(inputs.describe(layer), tmp_path / "with_crs.tif", None, 0.5,
                           QgsCoordinateTransformContext())
     assert load_raster(copy).crs().authid() == "EPSG:32640"

@@ -165,6 +165,7 @@ def test_loaded_output_has_paletted_style_with_class_names(sample_raster, tmp_pa
         added = [project.mapLayer(i) for i in set(project.mapLayers()) - before]
         rasters = [layer for layer in added if isinstance(layer, QgsRasterLayer)]
         assert len(rasters) == 1
+        assert rasters[0].name() == "dubai_sample — refined (dubai5)"  # after the input and the model
         renderer = rasters[0].renderer()
         assert isinstance(renderer, QgsPalettedRasterRenderer)
         assert [(c.value, c.label, c.color.name().upper()) for c in renderer.classes()] == [

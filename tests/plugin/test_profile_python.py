@@ -48,11 +48,11 @@ def _standalone_find_python(profile: Path, workdir: Path, **extra: str) -> dict:
         from qgis.core import QgsApplication
         app = QgsApplication([], False)
         app.initQgis()
-        from idgbr_qgis import backend
+        from idgbr_qgis import backend_process
         try:
-            path, source = backend.find_python()
+            path, source = backend_process.find_python()
             print("RESULT " + json.dumps({{"path": str(path), "source": source}}))
-        except backend.BackendUnavailable as exc:
+        except backend_process.BackendUnavailable as exc:
             print("RESULT " + json.dumps({{"error": str(exc)}}))
     """), encoding="utf-8")
     done = subprocess.run([sys.executable, str(script)], env=_environment(profile, **extra), capture_output=True,

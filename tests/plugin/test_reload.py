@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from idgbr_qgis.backend import development_python
+from idgbr_qgis.backend_process import development_python
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,7 +81,7 @@ SCRIPT = textwrap.dedent(
         return dock, client
 
     def plugin_manager():
-        return sys.modules["idgbr_qgis.backend"].BackendManager.instance()
+        return sys.modules["idgbr_qgis.backend_process"].BackendManager.instance()
 
     def after_unload(tag, dock, client):
         flush_deletes()

@@ -15,8 +15,8 @@ from qgis.core import QgsSettings
 from qgis.PyQt.QtCore import QSettings
 from qgis.PyQt.QtWidgets import QApplication
 
-from idgbr_qgis import backend, setup_env
-from idgbr_qgis.backend import SETTINGS_PYTHON, BackendUnavailable
+from idgbr_qgis import backend_process, setup_env
+from idgbr_qgis.backend_process import SETTINGS_PYTHON, BackendUnavailable
 from idgbr_qgis.setup_env import InstallPlan, PythonInfo, SetupError, Step
 
 REPO = Path(__file__).resolve().parents[2]
@@ -402,9 +402,9 @@ def scripted_setup(dialog, monkeypatch):
     for the environment where the dialog builds it.
     """
     monkeypatch.setattr(setup_env, "SPACE_CPU_BYTES", 1)
-    monkeypatch.setattr(backend, "profile_venv", lambda: dialog._venv)
-    monkeypatch.setattr(backend, "dev_checkout_venv", lambda: dialog._venv.parent / "no-checkout")
-    monkeypatch.delenv(backend.ENV_PYTHON, raising=False)
+    monkeypatch.setattr(backend_process, "profile_venv", lambda: dialog._venv)
+    monkeypatch.setattr(backend_process, "dev_checkout_venv", lambda: dialog._venv.parent / "no-checkout")
+    monkeypatch.delenv(backend_process.ENV_PYTHON, raising=False)
     QgsSettings().remove(SETTINGS_PYTHON)
 
     def start(last_step: str) -> None:
@@ -428,7 +428,7 @@ def test_a_failed_setup_leaves_nothing_that_counts_as_a_backend(dialog, scripted
     assert "make install" not in message
     assert not dialog._venv.exists() and "unfinished environment" in message
     with pytest.raises(BackendUnavailable) as info:
-        backend.find_python()
+        backend_process.find_python()
     assert "Set up backend" in str(info.value) and "make install" not in str(info.value)
     assert QgsSettings().value(SETTINGS_PYTHON, None) is None
     assert dialog.startButton.isEnabled()  # and it can be started again at once
@@ -440,15 +440,15 @@ def test_a_leftover_without_the_completion_marker_is_no_backend(dialog, scripted
     leftover.parent.mkdir(parents=True)
     leftover.write_text("")
     with pytest.raises(BackendUnavailable, match="Set up backend"):
-        backend.find_python()
+        backend_process.find_python()
     # Even when the setting names it, it is reported as incomplete rather than started.
     QgsSettings().setValue(SETTINGS_PYTHON, str(leftover))
     with pytest.raises(BackendUnavailable, match="incomplete.*Set up backend"):
-        backend.find_python()
+        backend_process.find_python()
     # The next setup replaces it and marks it complete only once its check passed.
     scripted_setup(_CHECK_PASSES)
     ok, message = dialog.results[-1]
     assert ok, message
     assert setup_env.is_complete(dialog._venv)
-    assert backend.find_python()[0] == leftover
+    assert backend_process.find_python()[0] == leftover
     assert QgsSettings().value(SETTINGS_PYTHON) == str(leftover)

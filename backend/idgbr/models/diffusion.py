@@ -36,20 +36,25 @@ def position_noise(seed: int, origin: tuple[int, int], shape: tuple[int, int, in
     """Gaussian noise (K, H, W) for the raster window starting at ``origin`` (row, col).
 
     The value at a raster pixel depends only on the seed and the pixel's position, not on the tile
-    layout, the tile order or the batch size, so overlapping tiles start from the same noise.
+    layout, the tile order or the batch size, so overlapping tiles start from the same noise. On a CUDA
+    device the noise is drawn there, by the GPU's generator: other values than the CPU's, as reproducible.
     """
     channels, height, width = shape
     row0, col0 = origin
     b_row0, b_col0 = row0 // NOISE_BLOCK, col0 // NOISE_BLOCK
     b_row1, b_col1 = (row0 + height - 1) // NOISE_BLOCK, (col0 + width - 1) // NOISE_BLOCK
-    canvas = torch.empty(channels, (b_row1 - b_row0 + 1) * NOISE_BLOCK, (b_col1 - b_col0 + 1) * NOISE_BLOCK)
-    generator = torch.Generator()
+    draw_on = torch.device(device)
+    if draw_on.type != "cuda":
+        draw_on = torch.device("cpu")
+    canvas = torch.empty(channels, (b_row1 - b_row0 + 1) * NOISE_BLOCK, (b_col1 - b_col0 + 1) * NOISE_BLOCK,
+                         device=draw_on)
+    generator = torch.Generator(device=draw_on)
     for b_row in range(b_row0, b_row1 + 1):
         for b_col in range(b_col0, b_col1 + 1):
             generator.manual_seed((seed * 1_000_003 + b_row * 65_537 + b_col) % (2**63 - 1))
             r, c = (b_row - b_row0) * NOISE_BLOCK, (b_col - b_col0) * NOISE_BLOCK
             canvas[:, r : r + NOISE_BLOCK, c : c + NOISE_BLOCK] = torch.randn(
-                channels, NOISE_BLOCK, NOISE_BLOCK, generator=generator)
+                channels, NOISE_BLOCK, NOISE_BLOCK, generator=generator, device=draw_on)
     r_off, c_off = row0 - b_row0 * NOISE_BLOCK, col0 - b_col0 * NOISE_BLOCK
     return canvas[:, r_off : r_off + height, c_off : c_off + width].to(device)
 

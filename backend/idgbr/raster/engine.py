@@ -8,6 +8,9 @@ Memory stays bounded by the tile size and a column block's width, never the rast
 - the refine pass trails the coarse pass by about one tile row (a refine tile needs the blended coarse map
   over its whole area, which needs the coarse tiles below it).
 
+Reads and writes run on a background thread (``iothread.IoThread``), in order: the next tile row is read
+while the current one runs through the model, and finished rows are written behind it.
+
 Both passes blend per-tile log-probabilities (normalised logits) with raised-cosine weights. Log-probs,
 rather than raw logits, because tiles without a class boundary skip the refiner and contribute a fixed
 near-one-hot distribution instead: the two must be on one scale to blend.
@@ -16,7 +19,8 @@ The refiner's band and vocabulary rules act inside the sampler (``bundle.refine`
 here, on the blended distribution of each final row (``constraints.gate_changes``): a pixel takes the
 refiner's class only where its probability reaches ``min_confidence``, else it keeps the coarse class. The
 optional confidence output is the probability of the class written (1.0 where only boundary-free tiles,
-which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class output is nodata).
+which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class output is nodata). The networks
+may run in half precision (``EngineConfig.precision``); log-probabilities, blending and the gate are float32.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -37,11 +43,13 @@ from ..errors import Cancelled
 from ..models.constraints import gate_changes
 from .bands import PixelScaler
 from .io import CONFIDENCE_NODATA, NODATA, CoarseSource, GeoTiffWriter, read_pixels
+from .iothread import InlineIo, IoThread
 from .windows import OUTPUT_BLOCK, ColumnBlock, TileGrid, column_blocks, pad_tile, padded_size
 
 ProgressFn = Callable[[float, str], None]
 
 SKIP_PROB = 0.999  # probability a skipped (boundary-free) tile gives its single class
+READ_AHEAD = 1  # tile rows read ahead of the one in use: a row of tiles takes far longer to run than to read
 
 
 @dataclass
@@ -56,6 +64,8 @@ class EngineConfig:
     vocabulary: int = -1  # ... only to classes the coarse map has within this many px; -1: off
     min_confidence: float = 0.0  # ... only where the new class's probability reaches this; 0: off, 1: never
     max_block_width: int = 8192
+    precision: str = "fp32"  # of the networks: fp32, bf16 or fp16 (idgbr.precision)
+    io_thread: bool = True  # reads and writes on a background thread (False: in the engine's own thread)
 
 
 @dataclass
@@ -174,19 +184,35 @@ class Engine:
                                        + (len(b.refine_cols) if self.refining else 0)) for b in self.blocks)
         self.started = time.perf_counter()
         self.megapixels = self.grid.height * self.grid.width / 1e6
+        self.io: IoThread | InlineIo = InlineIo()
+        self.read_ahead = READ_AHEAD if config.io_thread else 0
+        self.writes: deque = deque()  # submitted writes, oldest first
 
     # ----------------------------------------------------------------- public
 
     def run(self) -> EngineStats:
         self._report()
-        with torch.inference_mode():
-            for block in self.blocks:
-                _BlockRun(self, block).run()
+        self.io = IoThread() if self.config.io_thread else InlineIo()
+        try:
+            with torch.inference_mode():
+                for block in self.blocks:
+                    _BlockRun(self, block).run()
+            while self.writes:
+                self.writes.popleft().result()
+        finally:
+            self.io.close()
         self.stats.class_pixels = {i: int(n) for i, n in enumerate(self.class_hist[: self.num_classes]) if n}
         self.stats.nodata_pixels = int(self.class_hist[NODATA])
         return self.stats
 
     # ----------------------------------------------------------------- shared helpers
+
+    def write(self, writer: GeoTiffWriter, values: np.ndarray, row: int, col: int) -> None:
+        """Queue ``values`` for ``writer.write``; raises the error of any earlier write that failed."""
+        # A copy: the caller's rows are overwritten as soon as this returns.
+        self.writes.append(self.io.submit(writer.write, values.copy(), row, col))
+        while self.writes and self.writes[0].done():
+            self.writes.popleft().result()
 
     def check_cancel(self) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -222,10 +248,15 @@ class Engine:
             batch.append(pad_tile(values, height, width))
         return self.bundle.normalize(np.stack(batch))
 
-    def log_probs(self, logits: torch.Tensor, height: int, width: int) -> np.ndarray:
-        # One transfer per batch, already cropped, so the device does the softmax and the host only adds.
-        out = torch.log_softmax(logits[:, :, :height, :width].float(), dim=1)
-        return out.cpu().numpy()
+    def weighted_log_probs(self, logits: torch.Tensor, weights: np.ndarray) -> np.ndarray:
+        """(B, K, H, W) float32 log-probabilities of the tiles times their (B, H, W) blending weights, cropped
+        to the weights' size, on the host: what the blend adds up."""
+        height, width = weights.shape[-2:]
+        log_p = torch.log_softmax(logits[:, :, :height, :width].float(), dim=1)
+        if log_p.device.type == "cuda":
+            # One transfer per batch, so the GPU does the softmax and the weighting and the host only adds.
+            return (log_p * torch.from_numpy(weights).to(log_p.device)[:, None]).cpu().numpy()
+        return log_p.numpy() * weights[:, None]
 
 
 class _BlockRun:
@@ -256,6 +287,8 @@ class _BlockRun:
         self.emitted = 0
         self.flushed = 0
         self.strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
+        self.reads: dict[int, Future] = {}  # tile rows being read, by index
+        self.next_read = 0  # index of the next tile row to read
         self.pending: list[tuple[int, int]] = []  # refine tiles waiting for a model batch
         self.log_skip_hi = math.log(SKIP_PROB)
         self.log_skip_lo = math.log((1 - SKIP_PROB) / max(1, k - 1))
@@ -264,23 +297,18 @@ class _BlockRun:
 
     def strip(self, i: int) -> tuple[np.ndarray, np.ndarray | None]:
         """Pixels of tile row ``i`` over the block's columns, read once and kept until both passes are
-        done with that row."""
+        done with that row. Rows are asked for in order; the next ones are read ahead in the background."""
         if i in self.strips:
             return self.strips[i]
         e = self.e
+        while self.next_read <= min(i + e.read_ahead, len(self.grid.rows) - 1):
+            y = self.grid.rows[self.next_read]
+            window = Window(e.col0 + self.lo, e.row0 + y, self.hi - self.lo, self.th)
+            self.reads[self.next_read] = e.io.submit(read_strip, e.src, e.bands, window, e.masked, e.coarse_source)
+            self.next_read += 1
+        pixels, valid, ids = self.reads.pop(i).result()
         y = self.grid.rows[i]
-        window = Window(e.col0 + self.lo, e.row0 + y, self.hi - self.lo, self.th)
-        pixels, valid = read_pixels(e.src, e.bands, window, e.masked)
-        if pixels.dtype.kind == "f":
-            # NaN or inf without a nodata value: the model cannot use them, treat them as nodata.
-            finite = np.isfinite(pixels).all(axis=0)
-            if not finite.all():
-                valid = finite if valid is None else valid & finite
-        if e.coarse_source is not None:
-            ids, coarse_valid = e.coarse_source.read(window)
-            if not coarse_valid.all():
-                ids = fill_nearest(ids, coarse_valid)
-            valid = coarse_valid if valid is None else valid & coarse_valid
+        if ids is not None:
             self.coarse_ids.view(y, y + self.th)[...] = ids
         if valid is not None:
             self.valid.view(y, y + self.th)[...] = valid
@@ -310,10 +338,11 @@ class _BlockRun:
         p.next += len(tiles)
         data = [self.tile_pixels(i, x) for i, x in tiles]
         images = e.model_input([d[0] for d in data], [d[1] for d in data], self.ph, self.pw)
-        log_p = e.log_probs(e.bundle.segment(images), self.th, self.tw)
-        for (i, x), lp in zip(tiles, log_p):
+        weights = np.stack([self.weights(i, x) for i, x in tiles])
+        weighted = e.weighted_log_probs(e.bundle.segment(images, precision=e.config.precision), weights)
+        for (i, x), wlp in zip(tiles, weighted):
             y, c = self.grid.rows[i], x - self.lo
-            self.coarse_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * self.weights(i, x)
+            self.coarse_acc.view(y, y + self.th)[:, :, c : c + self.tw] += wlp
             start, stop = p.mark(i)
             if stop > start:
                 self.coarse_rows_final(start, stop)
@@ -376,12 +405,12 @@ class _BlockRun:
             origins.append((e.row0 + y, e.col0 + x))
         coarse = torch.from_numpy(np.stack(ids))
         logits = e.bundle.refine(images, coarse, origins, steps=e.config.steps, seed=e.config.seed,
-                                 band=e.config.band, vocabulary=e.config.vocabulary)
-        log_p = e.log_probs(logits, self.th, self.tw)
-        for (i, x), lp in zip(tiles, log_p):
+                                 band=e.config.band, vocabulary=e.config.vocabulary, precision=e.config.precision)
+        weights = np.stack([self.weights(i, x) for i, x in tiles])
+        weighted = e.weighted_log_probs(logits, weights)
+        for (i, x), wlp, w in zip(tiles, weighted, weights):
             y, c = self.grid.rows[i], x - self.lo
-            w = self.weights(i, x)
-            self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += lp * w
+            self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += wlp
             self.refine_weight.view(y, y + self.th)[:, :, c : c + self.tw] += w
             self.finish_refine_tile(i)
         e.stats.tiles += len(tiles)
@@ -440,10 +469,11 @@ class _BlockRun:
         rows = ready if final else (ready // OUTPUT_BLOCK) * OUTPUT_BLOCK
         if rows <= 0:
             return
-        self.e.writer.write(self.out.view(self.flushed, self.flushed + rows), self.flushed, self.block.out_start)
+        e = self.e
+        e.write(e.writer, self.out.view(self.flushed, self.flushed + rows), self.flushed, self.block.out_start)
         if self.confidence is not None:
-            self.e.confidence_writer.write(self.confidence.view(self.flushed, self.flushed + rows), self.flushed,
-                                           self.block.out_start)
+            e.write(e.confidence_writer, self.confidence.view(self.flushed, self.flushed + rows), self.flushed,
+                    self.block.out_start)
         self.flushed += rows
         self.out.release(self.flushed)
         if self.confidence is not None:
@@ -474,6 +504,25 @@ class _BlockRun:
             self.run_coarse_batch()
             self.drop_strips()
         self.flush(final=True)
+
+
+def read_strip(src, bands: list[int], window: Window, masked: bool, coarse: CoarseSource | None
+               ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Raw pixels, validity (None: all valid) and, with an external coarse map, its class ids over ``window``.
+    Touches nothing but the rasters it reads, so it may run on the I/O thread."""
+    pixels, valid = read_pixels(src, bands, window, masked)
+    if pixels.dtype.kind == "f":
+        # NaN or inf without a nodata value: the model cannot use them, treat them as nodata.
+        finite = np.isfinite(pixels).all(axis=0)
+        if not finite.all():
+            valid = finite if valid is None else valid & finite
+    ids = None
+    if coarse is not None:
+        ids, coarse_valid = coarse.read(window)
+        if not coarse_valid.all():
+            ids = fill_nearest(ids, coarse_valid)
+        valid = coarse_valid if valid is None else valid & coarse_valid
+    return pixels, valid, ids
 
 
 def fill_nearest(ids: np.ndarray, valid: np.ndarray) -> np.ndarray:

@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Dict, List, Literal, Optional
 
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 import idgbr
-from idgbr.errors import IdgbrError
+from idgbr.errors import BAD_PARAMETER, IdgbrError
 from idgbr.procs import ParentWatch, pid_alive
 from idgbr.service.auth import bearer_matches, load_or_create_token, write_token_file
 from idgbr.service.jobs import JobNotFound, JobQueue, JobState, QueueFull, Runner
@@ -136,8 +136,33 @@ class JobCreated(BaseModel):
     state: str
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return AsciiJSONResponse({"detail": message}, status_code=status)
+# Machine-readable codes of refusals (``code`` in every error body), beside the errors.py codes of jobs.
+INVALID_REQUEST = "invalid_request"  # not a job request at all (malformed, too deep, no such route)
+UNAUTHORIZED = "unauthorized"
+NOT_FOUND = "not_found"
+OUTPUT_BUSY = "output_busy"
+ALREADY_FINISHED = "already_finished"
+QUEUE_FULL = "queue_full"
+TOO_LARGE = "too_large"
+_HTTP_CODES = {401: UNAUTHORIZED, 404: NOT_FOUND, 413: TOO_LARGE}
+
+
+def error_body(message: str, code: str, parameter: Optional[str] = None) -> Dict[str, Any]:
+    """Every error the service returns: ``message`` for people (also as ``detail``, FastAPI's key), ``code``
+    for programs, and ``parameter``, the job field at fault when there is one."""
+    return {"detail": message, "message": message, "code": code, "parameter": parameter}
+
+
+def _error(status: int, message: str, code: str, parameter: Optional[str] = None) -> JSONResponse:
+    return AsciiJSONResponse(error_body(message, code, parameter), status_code=status)
+
+
+class JobRefused(Exception):
+    """A job request that cannot run (a missing file, an unknown model): answered 400 naming the field."""
+
+    def __init__(self, message: str, parameter: Optional[str]) -> None:
+        super().__init__(message)
+        self.parameter = parameter
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -169,8 +194,8 @@ class BearerAuth:
             await self.app(scope, receive, send)
             return
         response = AsciiJSONResponse(
-            {"detail": "missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
-                       "from the service's token file"},
+            error_body("missing or wrong bearer token: send 'Authorization: Bearer <token>' with the token "
+                       "from the service's token file", UNAUTHORIZED),
             status_code=401,
             headers={"WWW-Authenticate": "Bearer"},
         )
@@ -249,15 +274,24 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
         errors = [{"loc": [str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")),
                    "type": str(e.get("type", ""))} for e in exc.errors()]
         summary = "; ".join(f"{'.'.join(e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors[:10])
-        return AsciiJSONResponse({"detail": errors, "message": f"invalid request: {summary}"}, status_code=422)
+        # The field at fault: the first error's location in the body (["body", "steps"] -> "steps").
+        fields = [e["loc"][1] for e in errors if len(e["loc"]) > 1 and e["loc"][0] == "body"]
+        body = error_body(f"invalid request: {summary}", BAD_PARAMETER if fields else INVALID_REQUEST,
+                          fields[0] if fields else None)
+        return AsciiJSONResponse({**body, "detail": errors}, status_code=422)
+
+    @app.exception_handler(JobRefused)
+    async def _refused(_request: Request, exc: JobRefused) -> JSONResponse:
+        return _error(400, str(exc), BAD_PARAMETER if exc.parameter else INVALID_REQUEST, exc.parameter)
 
     @app.exception_handler(RecursionError)
     async def _too_deep(_request: Request, _exc: RecursionError) -> JSONResponse:
-        return _error(400, "request body is nested too deeply: send a flat JSON object")
+        return _error(400, "request body is nested too deeply: send a flat JSON object", INVALID_REQUEST)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return AsciiJSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        body = error_body(str(exc.detail), _HTTP_CODES.get(exc.status_code, INVALID_REQUEST))
+        return AsciiJSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
     def openapi() -> Dict[str, Any]:
         if app.openapi_schema is None:
@@ -301,14 +335,14 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
         fields = _check_job(request, catalog)
         written = [request.output] + ([request.confidence] if request.confidence is not None else [])
         active = jobs.active_outputs()
-        for path in written:
+        for field, path in zip(("output", "confidence"), written):
             if any(_same_file(Path(path), Path(other)) for other in active):
                 return _error(409, f"another unfinished job already writes {path}: wait for it, cancel it, or "
-                                   "choose another output path")
+                                   "choose another output path", OUTPUT_BUSY, field)
         try:
             job = jobs.submit(fields, request.output, also_writes=written[1:])
         except QueueFull as exc:
-            return _error(429, str(exc))
+            return _error(429, str(exc), QUEUE_FULL)
         return {"id": job.id, "state": job.state.value}
 
     @app.get("/jobs", summary="all jobs this service remembers")
@@ -321,7 +355,7 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
         try:
             return jobs.get(job_id)
         except JobNotFound as exc:
-            return _error(404, str(exc))
+            return _error(404, str(exc), NOT_FOUND)
 
     @app.delete("/jobs/{job_id}", summary="cancel a job (no output is left)",
                 responses={404: {"description": "unknown job"}, 409: {"description": "job already finished"}})
@@ -329,10 +363,11 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
         try:
             before = jobs.get(job_id)
             if before["state"] in (JobState.SUCCEEDED.value, JobState.FAILED.value):
-                return _error(409, f"job {job_id} already {before['state']}: there is nothing to cancel")
+                return _error(409, f"job {job_id} already {before['state']}: there is nothing to cancel",
+                              ALREADY_FINISHED)
             return jobs.cancel(job_id)
         except JobNotFound as exc:
-            return _error(404, str(exc))
+            return _error(404, str(exc), NOT_FOUND)
 
     @app.post("/shutdown", status_code=202, summary="cancel all jobs and stop the service")
     def shutdown() -> Dict[str, Any]:
@@ -345,10 +380,7 @@ def create_app(token: str, *, runner: Optional[Runner] = None,
 
 
 def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
-    """Checks that need the file system, as RunOptions fields; HTTPException(400) names the problem."""
-
-    def fail(message: str) -> HTTPException:
-        return HTTPException(status_code=400, detail=message)
+    """Checks that need the file system, as RunOptions fields; JobRefused (400) names the problem and field."""
 
     def existing_file(label: str, text: str) -> Path:
         path = Path(text)
@@ -356,10 +388,10 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
             if path.is_file():
                 return path
             if path.is_dir():
-                raise fail(f"{label} {text} is a folder: give the path of a raster file")
+                raise JobRefused(f"{label} {text} is a folder: give the path of a raster file", label)
         except (OSError, ValueError) as exc:
-            raise fail(f"{label} path {text!r} cannot be used ({exc}): check the path") from exc
-        raise fail(f"{label} raster {text} does not exist: check the path")
+            raise JobRefused(f"{label} path {text!r} cannot be used ({exc}): check the path", label) from exc
+        raise JobRefused(f"{label} raster {text} does not exist: check the path", label)
 
     source = existing_file("input", request.input)
     coarse = existing_file("coarse", request.coarse) if request.coarse is not None else None
@@ -367,24 +399,25 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
         model = catalog.resolve(request.model)
         catalog.check(model)  # a broken model card fails the request, not the job later
     except IdgbrError as exc:
-        raise fail(str(exc)) from exc
+        raise JobRefused(str(exc), "model") from exc
     except OSError as exc:
-        raise fail(f"model {request.model!r} cannot be used ({exc}): check the name or path") from exc
+        raise JobRefused(f"model {request.model!r} cannot be used ({exc}): check the name or path", "model") from exc
 
     output = Path(request.output)
     if output.suffix.lower() not in RASTER_SUFFIXES:
-        raise fail(f"output {request.output} must be a GeoTIFF ending in .tif or .tiff: change its name")
+        raise JobRefused(f"output {request.output} must be a GeoTIFF ending in .tif or .tiff: change its name",
+                         "output")
     try:
         if output.is_dir():
-            raise fail(f"output {request.output} is a folder: give a file name ending in .tif")
+            raise JobRefused(f"output {request.output} is a folder: give a file name ending in .tif", "output")
         if not output.parent.is_dir():
-            raise fail(f"the folder of output {request.output} does not exist: create it first")
+            raise JobRefused(f"the folder of output {request.output} does not exist: create it first", "output")
     except (OSError, ValueError) as exc:
-        raise fail(f"output path {request.output!r} cannot be used ({exc}): check the path") from exc
+        raise JobRefused(f"output path {request.output!r} cannot be used ({exc}): check the path", "output") from exc
     for label, other in (("input", source), ("coarse", coarse)):
         if other is not None and _same_file(output, other):
-            raise fail(f"output {request.output} is the {label} raster: choose another output path")
-    confidence = _check_confidence(request, fail, [("input", source), ("coarse", coarse), ("output", output)])
+            raise JobRefused(f"output {request.output} is the {label} raster: choose another output path", "output")
+    confidence = _check_confidence(request, [("input", source), ("coarse", coarse), ("output", output)])
 
     return {
         "input": source,
@@ -408,12 +441,15 @@ def _check_job(request: JobRequest, catalog: ModelCatalog) -> Dict[str, Any]:
     }
 
 
-def _check_confidence(request: JobRequest, fail: Callable[[str], HTTPException],
-                      others: List[Any]) -> Optional[Path]:
+def _check_confidence(request: JobRequest, others: List[Any]) -> Optional[Path]:
     """The confidence output's path, checked like the output's; None when none is wanted."""
     if request.confidence is None:
         return None
     confidence = Path(request.confidence)
+
+    def fail(message: str) -> JobRefused:
+        return JobRefused(message, "confidence")
+
     if confidence.suffix.lower() not in RASTER_SUFFIXES:
         raise fail(f"confidence {request.confidence} must be a GeoTIFF ending in .tif or .tiff: change its name")
     try:

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from idgbr.errors import Cancelled, IdgbrError
+from idgbr.errors import CANCELLED, INTERNAL, Cancelled, IdgbrError
 
 # runner(options, progress, cancel) -> result; progress(fraction 0..1, message). Matches idgbr.pipeline.run.
 Runner = Callable[[Any, Callable[[float, str], None], threading.Event], Any]
@@ -54,6 +54,8 @@ class Job:
     finished: Optional[float] = None
     cancel_requested: bool = False
     result: Optional[Dict[str, Any]] = None
+    # Why a failed or cancelled job ended: {"code", "parameter", "message"} (codes: idgbr.errors).
+    error: Optional[Dict[str, Any]] = None
     cancel_event: threading.Event = dataclasses.field(default_factory=threading.Event, repr=False)
 
     def snapshot(self, position: Optional[int] = None) -> Dict[str, Any]:
@@ -72,6 +74,7 @@ class Job:
             "finished": self.finished,
             "elapsed_s": round(end - self.started, 3) if self.started is not None else None,
             "result": self.result,
+            "error": self.error,
         }
 
 
@@ -184,14 +187,17 @@ class JobQueue:
         job.cancel_requested = True
         job.cancel_event.set()
         if job.state is JobState.QUEUED:
-            self._finish(job, JobState.CANCELLED, "cancelled before it started")
+            self._finish(job, JobState.CANCELLED, "cancelled before it started", CANCELLED)
         else:
             job.message = "cancelling…"
 
-    def _finish(self, job: Job, state: JobState, message: str) -> None:
+    def _finish(self, job: Job, state: JobState, message: str, code: Optional[str] = None,
+                parameter: Optional[str] = None) -> None:
         job.state = state
         job.message = message
         job.finished = time.time()
+        if code is not None:
+            job.error = {"code": code, "parameter": parameter, "message": message}
         if job.id in self._order:
             self._order.remove(job.id)
 
@@ -235,16 +241,16 @@ class JobQueue:
             result = self._runner(job.options, progress, job.cancel_event)
         except Cancelled:
             with self._lock:
-                self._finish(job, JobState.CANCELLED, "cancelled; no output was written")
+                self._finish(job, JobState.CANCELLED, "cancelled; no output was written", CANCELLED)
         except IdgbrError as exc:
             with self._lock:
-                self._finish(job, JobState.FAILED, str(exc) or type(exc).__name__)
+                self._finish(job, JobState.FAILED, str(exc) or type(exc).__name__, exc.code, exc.parameter)
         except BaseException as exc:  # noqa: BLE001 - any crash fails this job only; the service keeps serving
             traceback.print_exc(file=sys.stderr)
             with self._lock:
                 self._finish(
                     job, JobState.FAILED,
-                    f"internal error {type(exc).__name__}: {exc} — please report it with the service log",
+                    f"internal error {type(exc).__name__}: {exc} — please report it with the service log", INTERNAL,
                 )
             if not isinstance(exc, Exception):
                 raise

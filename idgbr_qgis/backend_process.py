@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Callable, List, Optional, Tuple
 from qgis.core import QgsApplication, QgsSettings
 from qgis.PyQt.QtCore import QSettings
 
+from .i18n import tr
 from .setup_env import is_complete
 
 if TYPE_CHECKING:
@@ -88,12 +89,12 @@ def python_candidates() -> List[Tuple[str, Path, bool]]:
     candidates: List[Tuple[str, Path, bool]] = []
     env = os.environ.get(ENV_PYTHON, "").strip()
     if env:
-        candidates.append((f"the environment variable {ENV_PYTHON}", Path(env), True))
+        candidates.append((tr("the environment variable {variable}").format(variable=ENV_PYTHON), Path(env), True))
     configured = configured_python()
     if configured:
-        candidates.append((f"the IDGBR setting '{SETTINGS_PYTHON}'", Path(configured), True))
-    candidates.append(("the source checkout's virtual environment", venv_python(dev_checkout_venv()), False))
-    candidates.append(("the environment made by the IDGBR first-run setup", venv_python(profile_venv()), False))
+        candidates.append((tr("the IDGBR setting '{key}'").format(key=SETTINGS_PYTHON), Path(configured), True))
+    candidates.append((tr("the source checkout's virtual environment"), venv_python(dev_checkout_venv()), False))
+    candidates.append((tr("the environment made by the IDGBR first-run setup"), venv_python(profile_venv()), False))
     return candidates
 
 
@@ -104,25 +105,26 @@ def find_python() -> Tuple[Path, str]:
         if _same_file(path, setup_python) and not is_complete(profile_venv()):
             # A setup that failed or was interrupted left this environment: it is no backend.
             if explicit:
-                raise BackendUnavailable(
-                    f"The IDGBR environment {profile_venv()} is incomplete: its setup did not finish. "
-                    f"Press {SETUP_BUTTON} to set it up again."
-                )
+                raise BackendUnavailable(tr(
+                    "The IDGBR environment {venv} is incomplete: its setup did not finish. Press {button} to set "
+                    "it up again."
+                ).format(venv=profile_venv(), button=tr(SETUP_BUTTON)))
             continue
         if path.is_file():
             return path, source
         if explicit:
-            fix = (f"Set {ENV_PYTHON} to an existing interpreter, or unset it" if ENV_PYTHON in source else
-                   "Choose an existing interpreter in Plugins ▸ IDGBR ▸ Settings…, or clear the setting")
-            raise BackendUnavailable(
-                f"The backend Python set by {source} does not exist: {path}. {fix} to use the environment made "
+            fix = (tr("Set {variable} to an existing interpreter, or unset it").format(variable=ENV_PYTHON)
+                   if ENV_PYTHON in source else
+                   tr("Choose an existing interpreter in Plugins ▸ IDGBR ▸ Settings…, or clear the setting"))
+            raise BackendUnavailable(tr(
+                "The backend Python set by {source} does not exist: {python}. {fix} to use the environment made "
                 "by the first-run setup."
-            )
-    raise BackendUnavailable(
-        f"No IDGBR backend is installed yet. Press {SETUP_BUTTON} to install PyTorch and the backend in "
-        f"{profile_venv()}, or choose a Python that has them in Plugins ▸ IDGBR ▸ Settings… (scripts and "
-        f"qgis_process may also set the environment variable {ENV_PYTHON})."
-    )
+            ).format(source=source, python=path, fix=fix))
+    raise BackendUnavailable(tr(
+        "No IDGBR backend is installed yet. Press {button} to install PyTorch and the backend in {venv}, or "
+        "choose a Python that has them in Plugins ▸ IDGBR ▸ Settings… (scripts and qgis_process may also set the "
+        "environment variable {variable})."
+    ).format(button=tr(SETUP_BUTTON), venv=profile_venv(), variable=ENV_PYTHON))
 
 
 class BackendManager:

@@ -1,9 +1,9 @@
 """Raster layers as files the backend can read: plain GDAL files pass through, anything else is copied.
 
 The backend runs in another process with its own GDAL, so it can only open files on disk. Web layers
-(WMS/XYZ), virtual rasters, archives, database rasters and layers whose CRS was set inside QGIS are first
-written to a temporary GeoTIFF of the requested extent. Layer properties are read in the main thread
-(`describe`); the copy is made in the Processing worker thread from a cloned data provider (`export`).
+(WMS/XYZ), archives, database rasters and layers whose CRS was set inside QGIS are first written to a
+temporary GeoTIFF of the requested extent, taken in each layer's own CRS. Layer properties are read in the
+main thread (`describe`); the copy is made in the worker thread from a cloned data provider (`export`).
 """
 
 from __future__ import annotations
@@ -12,15 +12,13 @@ import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from qgis.core import (
     QgsCoordinateReferenceSystem,
     QgsCoordinateTransformContext,
     QgsDistanceArea,
-    QgsFeedback,
     QgsPointXY,
-    QgsProcessingException,
     QgsProviderRegistry,
     QgsRasterBlockFeedback,
     QgsRasterDataProvider,
@@ -29,6 +27,12 @@ from qgis.core import (
     QgsRasterPipe,
     QgsRectangle,
 )
+
+from ..i18n import tr
+from .outcome import JobCancelled, JobError
+
+if TYPE_CHECKING:
+    from .spec import JobExtent
 
 # A web layer has no pixel grid of its own: its copy is rendered at the model's pixel size, so a large
 # extent means a long download. This cap keeps a mistyped extent from fetching a country.
@@ -71,10 +75,12 @@ def plain_file(layer: QgsRasterLayer) -> Optional[Path]:
     return file
 
 
-def describe(layer: QgsRasterLayer) -> RasterSource:
-    """Read a layer's properties in the main thread; clones its provider when a copy will be needed."""
+def describe(layer: QgsRasterLayer, parameter: str = "input") -> RasterSource:
+    """Read a layer's properties in the main thread; clones its provider when a copy will be needed.
+    ``parameter`` names the job field the layer is for, should it be unreadable."""
     if layer is None or not layer.isValid():
-        raise QgsProcessingException("The raster layer could not be read; check that its file or service is reachable.")
+        raise JobError(tr("The raster layer could not be read; check that its file or service is reachable."),
+                       parameter)
     provider = layer.dataProvider()
     sized = bool(provider.capabilities() & QgsRasterDataProvider.Size)
     source = RasterSource(
@@ -102,7 +108,7 @@ def grid_window(source: RasterSource, extent: Optional[QgsRectangle]) -> tuple[Q
     row0 = max(0, math.floor((full.yMaximum() - extent.yMaximum()) / yres + 1e-9))
     row1 = min(source.height, math.ceil((full.yMaximum() - extent.yMinimum()) / yres - 1e-9))
     if col1 <= col0 or row1 <= row0:
-        raise QgsProcessingException(_outside_message(source, extent))
+        raise JobError(_outside_message(source, extent), "extent")
     rect = QgsRectangle(full.xMinimum() + col0 * xres, full.yMaximum() - row1 * yres,
                         full.xMinimum() + col1 * xres, full.yMaximum() - row0 * yres)
     return rect, col1 - col0, row1 - row0
@@ -112,13 +118,12 @@ def web_window(source: RasterSource, extent: Optional[QgsRectangle], pixel_size_
                context: QgsCoordinateTransformContext) -> tuple[QgsRectangle, int, int]:
     """Columns and rows that sample ``extent`` of a layer without a pixel grid at ``pixel_size_m`` on the ground."""
     if extent is None:
-        raise QgsProcessingException(
-            f"The layer '{source.name}' is a web or tile layer without a fixed extent of its own: set EXTENT to "
-            "the area to process (for example the current map view)."
-        )
+        raise JobError(tr("The layer '{name}' is a web or tile layer without a fixed extent of its own: set EXTENT "
+                          "to the area to process (for example the current map view).").format(name=source.name),
+                       "extent")
     rect = extent.intersect(source.extent) if not source.extent.isEmpty() else QgsRectangle(extent)
     if rect.isEmpty():
-        raise QgsProcessingException(_outside_message(source, extent))
+        raise JobError(_outside_message(source, extent), "extent")
     # Ground distances through the ellipsoid, so that degrees and Web Mercator's stretched metres both work.
     measure = QgsDistanceArea()
     measure.setSourceCrs(source.crs, context)
@@ -130,56 +135,65 @@ def web_window(source: RasterSource, extent: Optional[QgsRectangle], pixel_size_
     columns = max(1, round(width_m / pixel_size_m))
     rows = max(1, round(height_m / pixel_size_m))
     if columns * rows > MAX_WEB_PIXELS:
-        raise QgsProcessingException(
-            f"The extent is {width_m / 1000:.1f} × {height_m / 1000:.1f} km: {columns} × {rows} pixels at "
-            f"{pixel_size_m} m from the web layer '{source.name}', more than the {MAX_WEB_PIXELS // 1_000_000} "
-            "megapixels IDGBR downloads at once. Choose a smaller EXTENT."
-        )
+        raise JobError(tr("The extent is {width:.1f} × {height:.1f} km: {columns} × {rows} pixels at {pixel} m from "
+                          "the web layer '{name}', more than the {limit} megapixels IDGBR downloads at once. Choose "
+                          "a smaller EXTENT.").format(width=width_m / 1000, height=height_m / 1000, columns=columns,
+                                                      rows=rows, pixel=pixel_size_m, name=source.name,
+                                                      limit=MAX_WEB_PIXELS // 1_000_000), "extent")
     return rect, columns, rows
 
 
 def export(source: RasterSource, target: Path, extent: Optional[QgsRectangle], pixel_size_m: float,
-           context: QgsCoordinateTransformContext, feedback: Optional[QgsFeedback] = None) -> Path:
+           context: QgsCoordinateTransformContext, is_cancelled: Optional[Callable[[], bool]] = None) -> Path:
     """Write ``extent`` (in the layer's CRS; None: all of it) of the layer to the GeoTIFF ``target``.
 
     Layers with a pixel grid are copied pixel for pixel (values kept); web layers are rendered to RGBA at
-    ``pixel_size_m``. Returns ``target``; raises QgsProcessingException when writing fails or is cancelled.
+    ``pixel_size_m``. Returns ``target``; raises JobError when writing fails, JobCancelled when cancelled.
     """
     if source.provider is None:
-        raise QgsProcessingException(f"Internal error: no data provider to copy '{source.name}' from.")
+        raise JobError(f"Internal error: no data provider to copy '{source.name}' from.")
     if source.width > 0:
         rect, columns, rows = grid_window(source, extent)
     else:
         rect, columns, rows = web_window(source, extent, pixel_size_m, context)
     pipe = QgsRasterPipe()
     if not pipe.set(source.provider.clone()):
-        raise QgsProcessingException(f"Could not read the layer '{source.name}' for copying.")
+        raise JobError(tr("Could not read the layer '{name}' for copying.").format(name=source.name))
     writer = QgsRasterFileWriter(str(target))
     writer.setOutputFormat("GTiff")
     writer.setCreateOptions(["COMPRESS=DEFLATE", "TILED=YES", "BIGTIFF=IF_SAFER"])
     block_feedback = QgsRasterBlockFeedback()
-    if feedback is not None:
+    if is_cancelled is not None:
         # The writer reports progress from this (worker) thread: check for cancel there.
-        block_feedback.progressChanged.connect(lambda _p: block_feedback.cancel() if feedback.isCanceled() else None)
+        block_feedback.progressChanged.connect(lambda _p: block_feedback.cancel() if is_cancelled() else None)
     error = writer.writeRaster(pipe, columns, rows, rect, source.crs, context, block_feedback)
     if error == QgsRasterFileWriter.WriteCanceled:
         _remove(target)
-        raise QgsProcessingException("Cancelled while copying the input layer; nothing was written.")
+        raise JobCancelled(tr("Cancelled while copying the input layer; nothing was written."))
     if error != QgsRasterFileWriter.NoError:
         _remove(target)
-        raise QgsProcessingException(
-            f"Could not copy the layer '{source.name}' to a temporary GeoTIFF (error {int(error)}): check free disk "
-            "space in the Processing temporary folder (Settings ▸ Options ▸ Processing ▸ General)."
-        )
+        raise JobError(tr("Could not copy the layer '{name}' to a temporary GeoTIFF (error {error}): check free disk "
+                          "space in the temporary folder.").format(name=source.name, error=int(error)))
     return target
 
 
+def readable(source: RasterSource, target: Path, extent: Optional[JobExtent], pixel_size_m: float,
+             context: QgsCoordinateTransformContext, is_cancelled: Optional[Callable[[], bool]] = None,
+             margin: float = 0.0) -> Path:
+    """The file the backend reads for ``source``: the layer's own, or a GeoTIFF copy at ``target`` of
+    ``extent`` taken in the layer's own CRS and grown by ``margin`` times its size on each side."""
+    if not source.needs_copy:
+        assert source.path is not None
+        return source.path
+    window = extent.in_crs(source.crs, context, margin) if extent is not None else None
+    return export(source, target, window, pixel_size_m, context, is_cancelled)
+
+
 def _outside_message(source: RasterSource, extent: QgsRectangle) -> str:
-    return (
-        f"The extent {extent.toString(3)} does not overlap the layer '{source.name}' "
-        f"({source.extent.toString(3)} in {source.crs.authid() or 'its CRS'}). Choose an extent inside the "
-        "layer, or leave EXTENT empty to process all of it."
-    )
+    return tr("The extent {extent} does not overlap the layer '{name}' ({own} in {crs}). Choose an extent inside the "
+              "layer, or leave EXTENT empty to process all of it.").format(
+        extent=extent.toString(3), name=source.name, own=source.extent.toString(3),
+        crs=source.crs.authid() or tr("its CRS"))
 
 
 def _remove(path: Path) -> None:
