@@ -299,10 +299,8 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
             out = UpsampledWriter(writer, final_grid, NODATA, bands, masked, count_classes=True)
             conf_out = (UpsampledWriter(confidence_writer, final_grid, CONFIDENCE_NODATA, bands, masked)
                         if confidence_writer is not None else None)
-        # Engine takes any coarse source and row writer of these kinds; its annotations name only the plain ones.
-        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source,  # type: ignore[arg-type]
-                        config, out, _staged_progress(progress, final_start, final_share),  # type: ignore[arg-type]
-                        cancel, confidence_writer=conf_out)  # type: ignore[arg-type]
+        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source, config, out,
+                        _staged_progress(progress, final_start, final_share), cancel, confidence_writer=conf_out)
         stats = engine.run()
         for upsampled in (out, conf_out):
             if isinstance(upsampled, UpsampledWriter):

@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, TypedDict
 
 import numpy as np
 import torch
@@ -37,6 +37,7 @@ from .degrade import random_degradation
 from .errors import IdgbrError
 from .model_bundle import build_bundle, select_device
 from .models.refiner import Refiner, RefinerConfig
+from .precision import cpu_has_bf16
 
 STATE_SUFFIX = ".state.pt"
 EMA_DECAY = 0.998
@@ -69,15 +70,6 @@ class RefinerRun:
     resume: bool = False
     warm_start: Path | None = None  # continue from a model file's refiner when no training state exists
     real_share: float = 0.4  # share of crops whose coarse map is a real model's prediction
-
-
-def cpu_has_bf16() -> bool:
-    """True on CPUs with bf16 matrix units (AMX or AVX512-BF16), where bf16 autocast trains faster."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
 def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
@@ -128,7 +120,8 @@ def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: t
 
     binary = card["task"] != "multiclass"
     mixed = binary and run.task is None
-    names, maps = [], [[] for _ in scenes]
+    names: list[str] = []
+    maps: list[list[np.ndarray]] = [[] for _ in scenes]
     for path in [run.coarse_model, *run.coarse_sources]:
         bundle = _coarse_only(path, device)
         if mixed and bundle.card["task"] != "multiclass":
@@ -188,6 +181,15 @@ def _stop_on_signals() -> Iterator[threading.Event]:
             signal.signal(number, handler)
 
 
+class TrainingProgress(TypedDict):
+    """How far a refiner run got: saved in its training state and summarised on the model card."""
+
+    iteration: int
+    seconds: float
+    loss: float
+    sessions: int
+
+
 def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
     warmup = min(1.0, (iteration - warm_from + 1) / 200)
     return run.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / run.iterations)))
@@ -227,7 +229,7 @@ def train_refiner(run: RefinerRun) -> dict:
     generator = torch.Generator().manual_seed(run.seed)
     autocast, precision = autocast_for(device, run.precision)
     state_path = run.output.with_name(run.output.name + STATE_SUFFIX)
-    progress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
+    progress: TrainingProgress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
     warm_from = 0
     if run.resume and not state_path.is_file() and run.warm_start is None:
         raise IdgbrError(f"--resume: no training state at {state_path}; start without --resume, or give "
@@ -252,8 +254,8 @@ def train_refiner(run: RefinerRun) -> dict:
         model.load_state_dict(weights)
         ema.model.load_state_dict(weights)
         done = warm_card.get("training", {}).get("refiner", {})
-        progress.update(iteration=int(done.get("iterations", 0)), seconds=float(done.get("hours", 0)) * 3600,
-                        sessions=int(done.get("sessions", 0)), loss=float(done.get("final_loss", 0.0)))
+        progress.update({"iteration": int(done.get("iterations", 0)), "seconds": float(done.get("hours", 0)) * 3600,
+                         "sessions": int(done.get("sessions", 0)), "loss": float(done.get("final_loss", 0.0))})
         warm_from = progress["iteration"]
         print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
     progress["sessions"] += 1

@@ -21,6 +21,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
@@ -160,7 +161,8 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
     logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
     k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
     widest = max(BAND_CHOICES)
-    cases = []  # (scenes, selection, coarse maps, base scores, {steps: logits})
+    # (dataset, coarse maps, base scores, {steps: {scene index: logits}})
+    cases: list[tuple[Dataset, list[np.ndarray], dict, dict[int, dict[int, torch.Tensor]]]] = []
     for dataset, sources in zip(datasets, all_sources):
         for coarse in sources.values():
             base = score_maps(coarse, dataset.scenes, k, names, None, dataset.selection)
@@ -172,10 +174,12 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
             if steps not in logits:
                 logits[steps] = {i: refine_logits(bundle, dataset.scenes[i].image, coarse[i], steps, widest)
                                  for i in dataset.selection}
-            preds = [None] * len(dataset.scenes)
+            preds: list[np.ndarray | None] = [None] * len(dataset.scenes)
             for i in dataset.selection:
                 preds[i] = decide(logits[steps][i], coarse[i], band, conf)
-            values.append(selection_score(score_maps(preds, dataset.scenes, k, names, None, dataset.selection), base))
+            # Only the selection's maps are set, and only those are scored.
+            scores = score_maps(cast("list[np.ndarray]", preds), dataset.scenes, k, names, None, dataset.selection)
+            values.append(selection_score(scores, base))
         return float(np.mean(values))
 
     sweep: dict[str, float] = {}
@@ -193,7 +197,7 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
     joint = {(b, c): (by_steps[steps] if (b, c) == (band, conf) else
                       record(f"steps={steps} band={b} min_confidence={c}", mean_score(steps, b, c)))
              for b in BAND_CHOICES for c in CONFIDENCE_CHOICES}
-    band, conf = max(joint, key=joint.get)
+    band, conf = max(joint, key=joint.__getitem__)
     log(f"defaults: steps={steps} band=vocabulary={band} min_confidence={conf}")
     return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
 
@@ -203,7 +207,8 @@ def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defau
     k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
     scenes = dataset.scenes
     band, conf = defaults["band"], defaults["min_confidence"]
-    whole, rest = {}, {}
+    whole: dict[str, dict[str, dict]] = {}
+    rest: dict[str, dict[str, dict]] = {}
     for source, coarse in sources.items():
         maps = {"coarse (input)": coarse,
                 "classical: SLIC superpixels + coarse majority": [superpixel_refine(s.image, c, k)

@@ -63,8 +63,10 @@ def allowed_classes(coarse_ids: torch.Tensor, num_classes: int, band: int | None
     one_hot = F.one_hot(coarse_ids.clamp(0, num_classes - 1), num_classes).permute(0, 3, 1, 2).bool()
     allowed = torch.ones_like(one_hot)
     if rules_on[1]:
+        assert vocabulary is not None  # rules_on[1]: vocabulary is set
         allowed &= vocabulary_mask(coarse_ids, num_classes, int(vocabulary))
     if rules_on[0]:
+        assert band is not None  # rules_on[0]: band is set
         inside = guard_band_mask(coarse_ids, int(band))[:, None] if band > 0 else torch.zeros_like(one_hot[:, :1])
         allowed &= inside | one_hot
     return allowed

@@ -90,4 +90,5 @@ def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Ten
         a_now, a_next = alpha_bar(times[i]), alpha_bar(times[i + 1])
         eps = (x_t - a_now.sqrt() * x0) / (1 - a_now).sqrt()
         x_t = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+    assert logits is not None  # steps >= 1, so the loop ran
     return logits

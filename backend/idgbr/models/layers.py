@@ -16,6 +16,7 @@ def zero_conv(in_ch: int, out_ch: int) -> nn.Conv2d:
     """1x1 convolution starting at zero (ControlNet-style): the guidance enters gradually during training."""
     conv = nn.Conv2d(in_ch, out_ch, 1)
     nn.init.zeros_(conv.weight)
+    assert conv.bias is not None  # nn.Conv2d has a bias unless bias=False
     nn.init.zeros_(conv.bias)
     return conv
 

@@ -74,6 +74,7 @@ class Refiner(nn.Module):
         target = torch.where(valid, truth, coarse_ids)
         codes = mask_codes(coarse_ids, k)
         allowed = allowed_classes(coarse_ids, k, band, band)
+        assert allowed is not None, "the loss needs band >= 0"
         guidance = self.guidance(image, codes)
         noise = torch.randn(codes.shape, generator=generator).to(device)
         with torch.no_grad():

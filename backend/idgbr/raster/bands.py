@@ -71,6 +71,7 @@ class PixelScaler:
         values = pixels.astype(np.float32, copy=False)
         if self.identity:
             return values
+        assert self.low is not None and self.high is not None  # set together by make_scaler
         low = self.low[:, None, None]
         span = (self.high - self.low)[:, None, None]
         return np.clip((values - low) * (255.0 / span), 0.0, 255.0)

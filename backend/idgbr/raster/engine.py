@@ -31,7 +31,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import rasterio
@@ -45,6 +45,9 @@ from .bands import PixelScaler
 from .io import CONFIDENCE_NODATA, NODATA, CoarseSource, GeoTiffWriter, read_pixels
 from .iothread import InlineIo, IoThread
 from .windows import OUTPUT_BLOCK, ColumnBlock, TileGrid, column_blocks, pad_tile, padded_size
+
+if TYPE_CHECKING:
+    from .resample import GridCoarse, UpsampledWriter
 
 ProgressFn = Callable[[float, str], None]
 
@@ -85,11 +88,11 @@ class RollingRows:
     def __init__(self, lead: tuple[int, ...], width: int, dtype: type, fill: float = 0) -> None:
         self.lead, self.width, self.dtype, self.fill = lead, width, dtype, fill
         self.base = 0
-        self.data = np.full((*lead, 0, width), fill, dtype=dtype)
+        self.data: np.ndarray = np.full((*lead, 0, width), fill, dtype=dtype)
 
     def view(self, start: int, stop: int) -> np.ndarray:
         if stop - self.base > self.data.shape[-2]:
-            grown = np.full((*self.lead, stop - self.base, self.width), self.fill, dtype=self.dtype)
+            grown: np.ndarray = np.full((*self.lead, stop - self.base, self.width), self.fill, dtype=self.dtype)
             grown[..., : self.data.shape[-2], :] = self.data
             self.data = grown
         assert start >= self.base, (start, self.base)
@@ -142,9 +145,10 @@ class Pass:
 
 class Engine:
     def __init__(self, bundle, src: rasterio.io.DatasetReader, window: Window, bands: list[int],
-                 scaler: PixelScaler, masked: bool, coarse: CoarseSource | None, config: EngineConfig,
-                 writer: GeoTiffWriter, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None, confidence_writer: GeoTiffWriter | None = None) -> None:
+                 scaler: PixelScaler, masked: bool, coarse: CoarseSource | GridCoarse | None, config: EngineConfig,
+                 writer: GeoTiffWriter | UpsampledWriter, progress: ProgressFn | None = None,
+                 cancel: threading.Event | None = None,
+                 confidence_writer: GeoTiffWriter | UpsampledWriter | None = None) -> None:
         self.bundle = bundle
         self.src = src
         self.window = window
@@ -207,7 +211,7 @@ class Engine:
 
     # ----------------------------------------------------------------- shared helpers
 
-    def write(self, writer: GeoTiffWriter, values: np.ndarray, row: int, col: int) -> None:
+    def write(self, writer: GeoTiffWriter | UpsampledWriter, values: np.ndarray, row: int, col: int) -> None:
         """Queue ``values`` for ``writer.write``; raises the error of any earlier write that failed."""
         # A copy: the caller's rows are overwritten as soon as this returns.
         self.writes.append(self.io.submit(writer.write, values.copy(), row, col))
@@ -309,6 +313,7 @@ class _BlockRun:
         pixels, valid, ids = self.reads.pop(i).result()
         y = self.grid.rows[i]
         if ids is not None:
+            assert self.coarse_ids is not None  # an external coarse map means refine mode
             self.coarse_ids.view(y, y + self.th)[...] = ids
         if valid is not None:
             self.valid.view(y, y + self.th)[...] = valid
@@ -334,6 +339,7 @@ class _BlockRun:
 
     def run_coarse_batch(self) -> None:
         e, p = self.e, self.coarse
+        assert p is not None and self.coarse_acc is not None  # called only with a coarse pass
         tiles = p.tiles[p.next : p.next + e.config.batch]
         p.next += len(tiles)
         data = [self.tile_pixels(i, x) for i, x in tiles]
@@ -350,11 +356,13 @@ class _BlockRun:
         e.advance(len(tiles), len(tiles))
 
     def coarse_rows_final(self, start: int, stop: int) -> None:
+        assert self.coarse_acc is not None  # called only with a coarse pass
         ids = self.coarse_acc.view(start, stop).argmax(axis=0)
         self.coarse_acc.release(stop)
         if self.refine is None:
             self.emit(start, stop, ids)
         else:
+            assert self.coarse_ids is not None  # set with the refine pass
             self.coarse_ids.view(start, stop)[...] = ids
 
     def refine_ready(self, i: int) -> bool:
@@ -366,6 +374,9 @@ class _BlockRun:
     def gather_refine(self) -> None:
         """Move ready refine tiles to the pending batch; tiles without a class boundary are settled here."""
         e, p = self.e, self.refine
+        # Called only with a refine pass, which sets these buffers too.
+        assert p is not None
+        assert self.coarse_ids is not None and self.refine_acc is not None and self.refine_weight is not None
         while not p.exhausted and len(self.pending) < e.config.batch:
             i, x = p.tiles[p.next]
             if not self.refine_ready(i):
@@ -393,6 +404,8 @@ class _BlockRun:
 
     def run_refine_batch(self) -> None:
         e = self.e
+        # Called only with a refine pass, which sets these buffers.
+        assert self.coarse_ids is not None and self.refine_acc is not None and self.refine_weight is not None
         tiles, self.pending = self.pending[: e.config.batch], self.pending[e.config.batch :]
         data = [self.tile_pixels(i, x) for i, x in tiles]
         images = e.model_input([d[0] for d in data], [d[1] for d in data], self.ph, self.pw)
@@ -418,6 +431,9 @@ class _BlockRun:
         e.advance(e.refine_cost * len(tiles), len(tiles))
 
     def finish_refine_tile(self, i: int) -> None:
+        # Called only with a refine pass, which sets these buffers too.
+        assert self.refine is not None
+        assert self.coarse_ids is not None and self.refine_acc is not None and self.refine_weight is not None
         start, stop = self.refine.mark(i)
         if stop > start:
             # The coarse ids of these rows are released only below, after the gate has used them.
@@ -431,6 +447,8 @@ class _BlockRun:
     def decide(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
         """Class ids and confidence of final rows [start, stop) from the blended log-probabilities, through
         the confidence gate."""
+        # Called only with a refine pass, which sets these buffers.
+        assert self.coarse_ids is not None and self.refine_acc is not None and self.refine_weight is not None
         weight = self.refine_weight.view(start, stop)
         # Weighted mean of the tiles' log-probs (the weights need not sum to 1 where tiles overlap more than
         # the ramps), so the probabilities are those of one tile wherever only one tile counts.
@@ -438,8 +456,8 @@ class _BlockRun:
         coarse = self.coarse_ids.view(start, stop).astype(np.int64)
         # At 1 no change can pass: float32 rounds a near-certain probability to exactly 1.0.
         threshold = self.e.config.min_confidence if self.e.config.min_confidence < 1.0 else math.inf
-        ids, confidence = gate_changes(torch.from_numpy(mean[None]), torch.from_numpy(coarse[None]), threshold)
-        confidence = confidence[0].numpy()
+        ids, probs = gate_changes(torch.from_numpy(mean[None]), torch.from_numpy(coarse[None]), threshold)
+        confidence = probs[0].numpy()
         # Pixels only boundary-free tiles cover were never the refiner's to change: certain, not SKIP_PROB.
         confidence[weight[1] <= 0] = 1.0
         return ids[0].numpy(), confidence
@@ -472,6 +490,7 @@ class _BlockRun:
         e = self.e
         e.write(e.writer, self.out.view(self.flushed, self.flushed + rows), self.flushed, self.block.out_start)
         if self.confidence is not None:
+            assert e.confidence_writer is not None  # self.confidence exists only with a confidence writer
             e.write(e.confidence_writer, self.confidence.view(self.flushed, self.flushed + rows), self.flushed,
                     self.block.out_start)
         self.flushed += rows
@@ -499,6 +518,7 @@ class _BlockRun:
                 if self.refine.exhausted and not self.pending:
                     break
                 continue
+            assert self.coarse is not None  # segment mode always runs the coarse pass
             if self.coarse.exhausted:
                 break
             self.run_coarse_batch()
@@ -506,7 +526,7 @@ class _BlockRun:
         self.flush(final=True)
 
 
-def read_strip(src, bands: list[int], window: Window, masked: bool, coarse: CoarseSource | None
+def read_strip(src, bands: list[int], window: Window, masked: bool, coarse: CoarseSource | GridCoarse | None
                ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Raw pixels, validity (None: all valid) and, with an external coarse map, its class ids over ``window``.
     Touches nothing but the rasters it reads, so it may run on the I/O thread."""

@@ -250,7 +250,7 @@ def parse_extent(text: str) -> tuple[float, float, float, float]:
         raise IdgbrError(f"--extent must be four numbers XMIN,YMIN,XMAX,YMAX (got {text!r}).") from exc
     if len(values) != 4:
         raise IdgbrError(f"--extent must be four numbers XMIN,YMIN,XMAX,YMAX (got {len(values)}: {text!r}).")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def parse_crs(text: str) -> CRS:
@@ -557,6 +557,7 @@ class GeoTiffWriter:
             raise
 
     def write(self, values: np.ndarray, row: int, col: int) -> None:
+        assert self.dataset is not None  # opened in __init__
         try:
             self.dataset.write(values[None], window=Window(col, row, values.shape[1], values.shape[0]))
         except GDAL_ERRORS as exc:
@@ -579,6 +580,7 @@ class GeoTiffWriter:
     def finish(self) -> None:
         """Close the temporary file, check that all of it reached the disk and write the sidecar's temporary
         file: after this only renames are left. Raises IdgbrError."""
+        assert self.dataset is not None  # opened in __init__
         try:
             self.dataset.close()
             verify_geotiff(self.tmp, self.shape, self.dtype)

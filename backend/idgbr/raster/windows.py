@@ -7,7 +7,8 @@ overlap), so every part of the engine that needs "the tiles covering these pixel
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -58,6 +59,9 @@ class TileGrid:
     tile: int
     overlap: int
     multiple: int = 1
+    # (tile size, offsets) per axis, from ``axis_layout``; set once in ``__post_init__``.
+    _rows: tuple[int, list[int]] = field(init=False, repr=False, compare=False)
+    _cols: tuple[int, list[int]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         # Frozen dataclass: cache the layouts once (they are used for every tile).
@@ -144,5 +148,5 @@ def pad_tile(array: np.ndarray, height: int, width: int) -> np.ndarray:
     if pad_h == 0 and pad_w == 0:
         return array
     widths = [(0, 0)] * (array.ndim - 2) + [(0, pad_h), (0, pad_w)]
-    mode = "reflect" if min(array.shape[-2:]) > 1 else "edge"
+    mode: Literal["reflect", "edge"] = "reflect" if min(array.shape[-2:]) > 1 else "edge"
     return np.pad(array, widths, mode=mode)
