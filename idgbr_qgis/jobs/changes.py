@@ -7,7 +7,6 @@ that are nodata in either map are nodata.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -15,6 +14,7 @@ from qgis.analysis import QgsRasterCalculator, QgsRasterCalculatorEntry
 from qgis.core import QgsCoordinateTransformContext, QgsFeedback, QgsRasterLayer
 
 from ..i18n import tr
+from .inputs import remove_raster
 from .outcome import JobCancelled, JobError
 
 CHANGED = 1  # the value of a changed pixel; unchanged ones hold 0
@@ -45,16 +45,11 @@ def write_changes(refined: Path, coarse: Path, target: Path, context: QgsCoordin
         feedback.progressChanged.connect(lambda _p: feedback.cancel() if is_cancelled() else None)
     result = calculator.processCalculation(feedback)
     if result == QgsRasterCalculator.Canceled:
-        _remove(target)
+        remove_raster(target)
         raise JobCancelled(tr("Cancelled while marking the changed pixels."))
     if result != QgsRasterCalculator.Success:
-        _remove(target)
+        remove_raster(target)
         raise JobError(tr("Could not write the changed pixels to {path} (error {error}): check free disk space and "
                           "the results folder.").format(path=target, error=int(result)))
     return target
 
-
-def _remove(path: Path) -> None:
-    for file in (path, path.with_name(path.name + ".aux.xml")):
-        with contextlib.suppress(OSError):
-            file.unlink()

@@ -168,10 +168,10 @@ def export(source: RasterSource, target: Path, extent: Optional[QgsRectangle], p
         block_feedback.progressChanged.connect(lambda _p: block_feedback.cancel() if is_cancelled() else None)
     error = writer.writeRaster(pipe, columns, rows, rect, source.crs, context, block_feedback)
     if error == QgsRasterFileWriter.WriteCanceled:
-        _remove(target)
+        remove_raster(target)
         raise JobCancelled(tr("Cancelled while copying the input layer; nothing was written."))
     if error != QgsRasterFileWriter.NoError:
-        _remove(target)
+        remove_raster(target)
         raise JobError(tr("Could not copy the layer '{name}' to a temporary GeoTIFF (error {error}): check free disk "
                           "space in the temporary folder.").format(name=source.name, error=int(error)))
     return target
@@ -196,7 +196,8 @@ def _outside_message(source: RasterSource, extent: QgsRectangle) -> str:
         crs=source.crs.authid() or tr("its CRS"))
 
 
-def _remove(path: Path) -> None:
+def remove_raster(path: Path) -> None:
+    """Remove a GeoTIFF this job wrote and its .aux.xml side file, if there."""
     for file in (path, path.with_name(path.name + ".aux.xml")):
         with contextlib.suppress(OSError):
             file.unlink()
