@@ -338,7 +338,8 @@ class BackendClient:
         FIELDS are those of idgbr.pipeline.RunOptions (paths absolute; None = the default), e.g. input, output,
         mode, coarse, model, steps, band / vocabulary (px, -1 = rule off), min_confidence (0..1, 0 = gate off)
         confidence (refine only: where to write the float32 confidence GeoTIFF) and pixel_size (the input's
-        metres per pixel, overriding its CRS; None: detected).
+        metres per pixel, overriding its CRS; None: detected), device and precision (of the networks; None: the
+        device's default).
         """
         body = {key: _jsonable(value) for key, value in fields.items() if value is not None}
         return str(self._request("POST", "/jobs", body)["id"])

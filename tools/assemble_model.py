@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 from pathlib import Path
 
+from idgbr.card import ModelCard
 from idgbr.checkpoint import load_checkpoint, save_checkpoint
 from idgbr.refiner_training import EMA_DECAY, STATE_SUFFIX
 
 
-def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, last: bool = False) -> dict:
+def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, last: bool = False) -> ModelCard:
     tensors, refiner_card = load_checkpoint(refiner_path)
     card = copy.deepcopy(refiner_card)
     if last:
@@ -29,25 +31,25 @@ def assemble(refiner_path: Path, out: Path, coarse_path: Path | None = None, las
 
         state = torch.load(Path(str(refiner_path) + STATE_SUFFIX), map_location="cpu", weights_only=False)
         tensors.update({f"refiner.{k}": v for k, v in state["model"].items()})
-        card["training"]["refiner"]["weights"] = "last iteration"
-    card["training"]["refiner"].setdefault("weights", f"moving average (decay {EMA_DECAY})")
+        card.training["refiner"]["weights"] = "last iteration"
+    card.training["refiner"].setdefault("weights", f"moving average (decay {EMA_DECAY})")
     if coarse_path is not None:
         coarse_tensors, coarse_card = load_checkpoint(coarse_path)
-        if coarse_card["num_classes"] != card["num_classes"]:
-            raise SystemExit(f"{coarse_path} has {coarse_card['num_classes']} classes, the refiner "
-                             f"{card['num_classes']}: they cannot form one model.")
-        if coarse_card["normalization"] != card["normalization"]:
+        if coarse_card.num_classes != card.num_classes:
+            raise SystemExit(f"{coarse_path} has {coarse_card.num_classes} classes, the refiner "
+                             f"{card.num_classes}: they cannot form one model.")
+        if coarse_card.normalization != card.normalization:
             raise SystemExit(f"{coarse_path} normalises its input unlike the refiner's training; retrain it "
                              "with the Dubai statistics.")
         tensors = {k: v for k, v in tensors.items() if not k.startswith("coarse.")}
         tensors.update({k: v for k, v in coarse_tensors.items() if k.startswith("coarse.")})
-        refiner_training = card["training"]["refiner"]
-        card = {**copy.deepcopy(coarse_card), "sampler": card["sampler"], "metrics": {}}
-        card["architecture"]["refiner"] = refiner_card["architecture"]["refiner"]
-        card["training"]["refiner"] = refiner_training
-        card["parts"] = ["coarse", "refiner"]
-    card["name"] = out.stem
-    card["weights_dtype"] = "float16"
+        refiner_training = card.training["refiner"]
+        card = dataclasses.replace(copy.deepcopy(coarse_card), sampler=card.sampler, metrics={})
+        card.architecture["refiner"] = refiner_card.architecture["refiner"]
+        card.training["refiner"] = refiner_training
+        card.parts = ["coarse", "refiner"]
+    card.name = out.stem
+    card.weights_dtype = "float16"
     save_checkpoint(out, tensors, card)
     return card
 
@@ -61,7 +63,7 @@ def main() -> int:
     parser.add_argument("-o", "--output", type=Path, required=True)
     args = parser.parse_args()
     card = assemble(args.refiner, args.output, args.coarse, args.last)
-    print(f"wrote {args.output} ({card['name']}: {', '.join(c['name'] for c in card['classes'])})")
+    print(f"wrote {args.output} ({card.name}: {', '.join(c.name for c in card.classes)})")
     return 0
 
 

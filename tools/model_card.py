@@ -55,7 +55,7 @@ def per_class_table(results: dict) -> list[str]:
     return lines
 
 
-# The bar of issue 12, per coarse source: the least boundary-F gain of the default sampler.
+# The refinement bar, per coarse source: the least boundary-F gain of the default sampler.
 BF_TARGETS = {"bundled CNN segmenter": 0.03, "blocky (16-px blocks)": 0.10, "displaced boundaries (3-5 px)": 0.03}
 MIOU_FLOOR = -0.005
 
@@ -90,19 +90,19 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
     summary = json.loads(summary_path.read_text())
     name = summary_path.stem
     card = read_card(models_dir / f"{name}.safetensors")
-    sampler = card["sampler"]
-    coarse = card.get("training", {}).get("coarse", {})
-    refiner = card.get("training", {}).get("refiner", {})
+    sampler = card.sampler
+    coarse = card.training.get("coarse", {})
+    refiner = card.training.get("refiner", {})
     datasets = summary["datasets"]
     lines = [
-        f"## `{name}` — {card['task']}, {card['num_classes']} classes",
+        f"## `{name}` — {card.task}, {card.num_classes} classes",
         "",
-        "Classes: " + ", ".join(f"{c['id']} {c['name']} ({c['color']})" for c in card["classes"]) + ".",
-        f"Works at about {card.get('pixel_size_m')} m per pixel.",
-        f"Sampler defaults: **{sampler['steps']} DDIM step{'s' if sampler['steps'] > 1 else ''}** from pure noise, "
-        f"changes only within **{sampler['band']} px** of a coarse boundary, only to classes present within "
-        f"**{sampler['vocabulary']} px**, and only where the refiner's probability is at least "
-        f"**{sampler['min_confidence']}**; seed {sampler['seed']}.",
+        "Classes: " + ", ".join(f"{c.id} {c.name} ({c.color})" for c in card.classes) + ".",
+        f"Works at about {card.pixel_size_m} m per pixel.",
+        f"Sampler defaults: **{sampler.steps} DDIM step{'s' if sampler.steps > 1 else ''}** from pure noise, "
+        f"changes only within **{sampler.band} px** of a coarse boundary, only to classes present within "
+        f"**{sampler.vocabulary} px**, and only where the refiner's probability is at least "
+        f"**{sampler.min_confidence}**; seed {sampler.seed}.",
         "",
         f"Training: coarse segmenter {coarse.get('iterations')} iterations ({coarse.get('minutes')} min); refiner "
         f"{refiner.get('iterations')} of {refiner.get('scheduled_iterations')} scheduled iterations, "
@@ -135,8 +135,30 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
                   "The same rows on the images that the selection of the defaults never looked at:", "",
                   *delta_table(summary["results_outside_selection"][dataset]), "",
                   "Per-class IoU:", "", *per_class_table(per_source), ""]
+    native = summary_path.with_name(f"{name}_native.json")
+    if native.is_file():
+        lines += native_section(name, json.loads(native.read_text()))
     lines += [f"![image, coarse, refined, truth](images/refinement_{name}.png)", ""]
     return lines
+
+
+def native_section(name: str, native: dict) -> list[str]:
+    """The whole pipeline at the imagery's own resolution (`python -m idgbr.validate_native`)."""
+    lines = [f"### {name} at the imagery's own resolution", "",
+             f"The {native['images']} Accra `val/` tiles as GeoTIFFs at their native {native['pixel_size_m']} m, "
+             "run as a user would run them (`idgbr segment`, then `idgbr refine --coarse`) with the defaults; "
+             "scored on the input's grid. The run plans: " + "; ".join(native["notes"]) + ".", "",
+             "| coarse source | method | mIoU | BF (2 px) | Boundary IoU | ΔBF | ΔBIoU | ΔmIoU |",
+             "|---|---|---|---|---|---|---|---|"]
+    labels = {"coarse": "coarse (input)", "refined": "IDGBR (default)",
+              "classical": "classical: SLIC superpixels + coarse majority"}
+    for source, rows in native["results"].items():
+        for method, row in rows.items():
+            deltas = [_fmt(row.get(f"delta_{m}"), True) if method != "coarse" else ""
+                      for m in ("boundary_f", "boundary_iou", "miou")]
+            lines.append(f"| {source} | {labels.get(method, method)} | {_fmt(row['miou'])} | "
+                         f"{_fmt(row['boundary_f'])} | {_fmt(row['boundary_iou'])} | " + " | ".join(deltas) + " |")
+    return lines + [""]
 
 
 def main() -> None:

@@ -22,7 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from .card import ModelCard
 from .errors import IdgbrError
+from .limits import DEVICES
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "datasets" / "dubai-aerial"
@@ -164,7 +166,7 @@ def machine_summary(device: str) -> dict:
     return info
 
 
-def model_flops(model: str | None, steps: int | None) -> tuple[float | None, float | None, dict]:
+def model_flops(model: str | None, steps: int | None) -> tuple[float | None, float | None, ModelCard]:
     from .model_bundle import load_bundle
 
     bundle = load_bundle(model, "cpu")
@@ -178,14 +180,14 @@ def _gb(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 1e9:.2f}"
 
 
-def _rules(card: dict) -> str:
+def _rules(card: ModelCard) -> str:
     from .checkpoint import rules_text
 
-    sampler = card.get("sampler", {})
-    return rules_text(sampler.get("band"), sampler.get("vocabulary"), sampler.get("min_confidence"))
+    sampler = card.sampler
+    return rules_text(sampler.band, sampler.vocabulary, sampler.min_confidence)
 
 
-def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[float | None, float | None],
+def render_report(rows: list[dict], machine: dict, card: ModelCard, flops: tuple[float | None, float | None],
                   settings: dict) -> str:
     seg_flops, full_flops = flops
     if seg_flops is None or full_flops is None:  # both or neither: unknown without a coarse segmenter
@@ -200,7 +202,7 @@ def render_report(rows: list[dict], machine: dict, card: dict, flops: tuple[floa
              + (f", GPU {machine['gpu']}" if "gpu" in machine else ""),
              f"- software: Python {machine.get('python')}, PyTorch {machine.get('torch')} "
              f"({machine.get('threads')} threads)",
-             f"- model: {card.get('name')} (tile {card.get('tile_size')} px, overlap {card.get('overlap')} px, "
+             f"- model: {card.name} (tile {card.tile_size} px, overlap {card.overlap} px, "
              f"sampling steps {settings['steps']}, {_rules(card)})",
              f"- device: {settings['device']}", ""]
     if seg_flops is not None and full_flops is not None:
@@ -303,7 +305,7 @@ def run_bench(args: argparse.Namespace) -> int:
     if args.mosaic_size * args.mosaic_size < 16e6 and not args.small:
         raise IdgbrError("--mosaic-size below 4000 px is under 16 MP; add --small to allow it (wiring tests).")
     seg_flops, full_flops, card = model_flops(args.model, args.steps)
-    steps = args.steps or int(card.get("sampler", {}).get("steps", 4))
+    steps = args.steps or card.sampler.steps
     precisions = bench_precisions(args.precision, args.device)
     machine = machine_summary(args.device)
     rows: list[dict] = []
@@ -365,7 +367,7 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help=f"Dubai dataset folder with tile*/images/*.jpg (default {DEFAULT_DATA})")
     parser.add_argument("--report", type=Path, help="write the Markdown report here (e.g. docs/BENCHMARKS.md)")
     parser.add_argument("--model", help="model file or bundled name (default dubai5)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model card's)")
     parser.add_argument("--precision", default=DEFAULT_PRECISIONS, metavar="LIST",
                         help="comma-separated precisions of the networks to measure, each raster at each "

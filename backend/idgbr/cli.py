@@ -14,10 +14,11 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator, TextIO
+from typing import Any, Iterator, TextIO
 
 from . import __version__
 from .errors import Cancelled, IdgbrError
+from .limits import DEVICES
 
 log = logging.getLogger("idgbr")
 
@@ -92,9 +93,10 @@ def _card_sampler() -> dict:
     """The bundled default model's sampler section, for the defaults shown in --help ({} when unreadable)."""
     try:
         from .checkpoint import read_card
+        from .limits import DEFAULT_MODEL
         from .model_bundle import default_model_path
 
-        return dict(read_card(default_model_path("dubai5")).get("sampler") or {})
+        return read_card(default_model_path(DEFAULT_MODEL)).sampler.to_dict()
     except Exception:  # noqa: BLE001 - help must print even without a usable bundled model
         return {}
 
@@ -157,7 +159,7 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
     if refine:
         parser.add_argument("--steps", type=int, metavar="N",
                             help="diffusion sampling steps (default: the model card's)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"),
+    parser.add_argument("--device", default="auto", choices=DEVICES,
                         help="where to run the model (default auto: CUDA, then MPS, then CPU)")
     parser.add_argument("--precision", metavar="auto|fp32|bf16|fp16",
                         help="number format of the networks: auto takes bf16 on CPUs with AMX or AVX512-BF16 "
@@ -203,12 +205,21 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
     else:
         # Accepted only to explain that segment writes no confidence (the pipeline's error), not to fail on usage.
         parser.add_argument("--confidence", type=Path, help=argparse.SUPPRESS)
+    remote = parser.add_argument_group(
+        "remote backend", "run on an 'idgbr serve' on another computer (a GPU server): INPUT and --coarse are "
+                          "uploaded, the results downloaded; same options, same pixels as here")
+    remote.add_argument("--backend", metavar="URL",
+                        help="the service's address, e.g. https://gpu-server:8443 (its --tls-cert and --tls-key make "
+                             "it HTTPS)")
+    remote.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="with --backend: a copy of the service's token file (its --token-file)")
+    remote.add_argument("--ca-cert", type=Path, metavar="PEM",
+                        help="with --backend: trust this certificate, e.g. a copy of the service's self-signed "
+                             "--tls-cert (default: the system's certificate authorities)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
 
 
 def _run_command(args: argparse.Namespace) -> int:
-    from .checkpoint import rules_text
-    from .pipeline import RunOptions, run
     from .raster.bands import parse_bands
     from .raster.io import parse_extent
 
@@ -219,7 +230,7 @@ def _run_command(args: argparse.Namespace) -> int:
         log.warning("--guard-band is deprecated: use --band (--guard-band 0 is --band off).")
         if band is None:
             band = -1 if guard_band == 0 else guard_band
-    options = RunOptions(
+    fields = dict(
         input=args.input, output=args.output, mode=args.command, coarse=getattr(args, "coarse", None),
         model=args.model, steps=getattr(args, "steps", None), device=args.device,
         bands=parse_bands(args.bands) if args.bands else None,
@@ -228,27 +239,50 @@ def _run_command(args: argparse.Namespace) -> int:
         min_confidence=parse_probability(getattr(args, "min_confidence", None), "--min-confidence"),
         confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0),
         pixel_size=parse_pixel_size(args.pixel_size), precision=args.precision)
+    if args.backend is None:
+        for flag, value in (("--token-file", args.token_file), ("--ca-cert", args.ca_cert)):
+            if value is not None:
+                raise IdgbrError(f"{flag} only applies with --backend URL: add --backend, or leave {flag} out.")
+    elif args.token_file is None:
+        raise IdgbrError("--backend needs --token-file: a copy of the service's token file (the file its "
+                         "--token-file names).")
     bar = None if args.quiet or not sys.stderr.isatty() else TerminalProgress(sys.stderr)
+    result: Any
     try:
         with stop_signals_like_ctrl_c():
-            result = run(options, progress=bar)
+            if args.backend is not None:
+                from . import remote
+
+                result = remote.run(fields, url=args.backend, token_file=args.token_file, ca_cert=args.ca_cert,
+                                    progress=bar)
+            else:
+                from .pipeline import RunOptions, run
+
+                result = run(RunOptions(**fields), progress=bar)
     finally:
         if bar is not None:
             bar.close()
     if not args.quiet:
-        rate = result.seconds / result.megapixels if result.megapixels else 0.0
-        done = (f"refined {result.tiles_refined} of {result.tiles} tiles ({100 * result.refined_share:.0f} %)"
-                if result.mode == "refine" else f"{result.tiles} tiles")
-        print(f"Wrote {result.output}: {result.width} x {result.height} px, {done}, {result.seconds:.1f} s "
-              f"({rate:.2f} s/MP) on {result.device} ({result.precision}).")
-        if result.mode == "refine":
-            valid = result.width * result.height - result.nodata_pixels
-            share = 100 * result.changed_pixels / valid if valid else 0.0
-            print(f"Changed {result.changed_pixels} px ({share:.2f} %) of the coarse map; rules: "
-                  f"{rules_text(result.band, result.vocabulary, result.min_confidence)}.")
-        if result.confidence is not None:
-            print(f"Wrote {result.confidence}: the refiner's confidence (float32, 0..1).")
+        _print_summary(result)
     return 0
+
+
+def _print_summary(result: Any) -> None:
+    """The lines after a run: a local RunResult, or a remote run's result with the same attributes."""
+    from .checkpoint import rules_text
+
+    rate = result.seconds / result.megapixels if result.megapixels else 0.0
+    done = (f"refined {result.tiles_refined} of {result.tiles} tiles ({100 * result.refined_share:.0f} %)"
+            if result.mode == "refine" else f"{result.tiles} tiles")
+    print(f"Wrote {result.output}: {result.width} x {result.height} px, {done}, {result.seconds:.1f} s "
+          f"({rate:.2f} s/MP) on {result.device} ({result.precision}).")
+    if result.mode == "refine":
+        valid = result.width * result.height - result.nodata_pixels
+        share = 100 * result.changed_pixels / valid if valid else 0.0
+        print(f"Changed {result.changed_pixels} px ({share:.2f} %) of the coarse map; rules: "
+              f"{rules_text(result.band, result.vocabulary, result.min_confidence)}.")
+    if result.confidence is not None:
+        print(f"Wrote {result.confidence}: the refiner's confidence (float32, 0..1).")
 
 
 def _register_subcommands(subparsers: argparse._SubParsersAction) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 
 from .classes import hex_to_rgb
 from .errors import IdgbrError
+from .limits import DEVICES
 from .raster.io import FILE_MODE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -129,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", type=Path, default=SAMPLE, help="raster to refine (default: the bundled sample)")
     parser.add_argument("--model", help="model file or bundled name (default dubai5)")
     parser.add_argument("--steps", type=int, help="sampling steps (default: the model card's)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"))
+    parser.add_argument("--device", default="auto", choices=DEVICES)
     parser.add_argument("-q", "--quiet", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="idgbr: %(message)s")

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import load_checkpoint, split_state, validate_card
+from .card import CardLike, ModelCard, as_card
+from .checkpoint import load_checkpoint, split_state
 from .data import normalize
 from .errors import IdgbrError
+from .limits import DEFAULT_MODEL, MAX_STEPS, MIN_STEPS
 from .models.coarse import CoarseConfig, CoarseNet
 from .models.diffusion import position_noise
 from .models.fcn import FCN_KIND, FcnConfig, FcnNet
 from .models.refiner import Refiner, RefinerConfig
 from .precision import autocast, resolve_precision
-
-DEFAULT_MODEL = "dubai5"
 
 
 def models_dir() -> Path:
@@ -72,7 +72,7 @@ def select_device(requested: str = "auto") -> torch.device:
 class ModelBundle:
     """Inference wrapper. Images are (B, C, H, W) float32 normalised; H and W multiples of size_multiple."""
 
-    def __init__(self, card: dict, coarse: torch.nn.Module | None, refiner: Refiner | None, device: torch.device,
+    def __init__(self, card: ModelCard, coarse: torch.nn.Module | None, refiner: Refiner | None, device: torch.device,
                  source: Path | None = None) -> None:
         self.card = card
         self.device = device
@@ -85,7 +85,7 @@ class ModelBundle:
 
     @property
     def num_classes(self) -> int:
-        return int(self.card["num_classes"])
+        return self.card.num_classes
 
     def _autocast(self, precision: str | None) -> contextlib.AbstractContextManager:
         """The networks' autocast for ``precision`` (idgbr.precision; None: the device's default)."""
@@ -106,8 +106,8 @@ class ModelBundle:
         tensor = torch.as_tensor(np.asarray(pixels), dtype=torch.float32)
         if tensor.ndim == 3:
             tensor = tensor[None]
-        norm = self.card["normalization"]
-        return normalize(tensor, norm["mean"], norm["std"])
+        norm = self.card.normalization
+        return normalize(tensor, norm.mean, norm.std)
 
     @torch.inference_mode()
     def segment(self, images: torch.Tensor, precision: str | None = None) -> torch.Tensor:
@@ -128,14 +128,14 @@ class ModelBundle:
         sampler's own arithmetic is float32."""
         if self.refiner is None:
             raise IdgbrError("This model file has no refiner; use segment mode or another model.")
-        sampler = self.card.get("sampler", {})
-        steps = int(sampler.get("steps", 2) if steps is None else steps)
-        seed = int(sampler.get("seed", 0) if seed is None else seed)
-        band = int(sampler.get("band", -1) if band is None else band)
-        vocabulary = int(sampler.get("vocabulary", -1) if vocabulary is None else vocabulary)
-        strength = float(sampler.get("strength", 1.0) if strength is None else strength)
-        if steps < 1 or steps > 100:
-            raise IdgbrError(f"steps must be between 1 and 100 (got {steps}).")
+        sampler = self.card.sampler
+        steps = int(sampler.steps if steps is None else steps)
+        seed = int(sampler.seed if seed is None else seed)
+        band = int(sampler.band if band is None else band)
+        vocabulary = int(sampler.vocabulary if vocabulary is None else vocabulary)
+        strength = float(sampler.strength if strength is None else strength)
+        if not MIN_STEPS <= steps <= MAX_STEPS:
+            raise IdgbrError(f"steps must be between {MIN_STEPS} and {MAX_STEPS} (got {steps}).", "steps")
         batch, _, height, width = images.shape
         noise = torch.stack([position_noise(seed, origin, (self.num_classes, height, width), self.device)
                              for origin in origins[:batch]])
@@ -149,7 +149,7 @@ class ModelBundle:
         from torch.utils.flop_counter import FlopCounterMode
 
         size = 256
-        image = torch.zeros(1, len(self.card["normalization"]["mean"]), size, size)
+        image = torch.zeros(1, self.card.channels, size, size)
         ids = torch.zeros(1, size, size, dtype=torch.long)
         ids[:, :, size // 2:] = 1
         counter = FlopCounterMode(display=False)
@@ -168,10 +168,10 @@ def build_coarse(spec: dict) -> torch.nn.Module:
     return CoarseNet(CoarseConfig(**{**spec, "widths": tuple(spec["widths"])}))
 
 
-def build_bundle(tensors: dict[str, torch.Tensor], card: dict, device: torch.device,
+def build_bundle(tensors: dict[str, torch.Tensor], card: CardLike, device: torch.device,
                  source: Path | None = None) -> ModelBundle:
-    validate_card(card, source)  # also a card built or changed in memory
-    arch = card["architecture"]
+    card = as_card(card, source)  # checked again: the card may have been built or changed in memory
+    arch = card.architecture
     coarse = refiner = None
     try:
         if "coarse" in arch:

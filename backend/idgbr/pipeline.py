@@ -16,7 +16,9 @@ from typing import Callable
 from rasterio.windows import Window
 
 from . import __version__
+from .card import ModelCard
 from .errors import Cancelled, IdgbrError, blame
+from .limits import MAX_RULE_PX, MAX_SEED, MAX_STEPS, MAX_TILE, MIN_STEPS, MIN_TILE, MODES
 from .model_bundle import load_bundle
 from .precision import check_precision, precision_note, resolve_precision
 from .raster.bands import make_scaler, select_bands
@@ -42,9 +44,6 @@ from .resolution import check_pixel_size_option, detect_pixel_size, metres, plan
 
 log = logging.getLogger("idgbr")
 
-MODES = ("refine", "segment")
-MAX_TILE = 4096
-MAX_RULE_PX = 1024  # largest band / vocabulary radius
 BLOCK_WIDTH = 8192  # column block width: bounds buffer memory for very wide rasters
 IO_THREAD = True  # the engine reads and writes on a background thread (tests compare with False)
 # Test hook: with this variable set to a file path, a run creates that file once its temporary outputs exist
@@ -61,7 +60,7 @@ class RunOptions:
     mode: str = "refine"  # "refine" | "segment"
     coarse: Path | None = None  # class-id raster from any model; refine only
     model: str | Path | None = None  # a bundled model's name or a bundle file; None -> bundled dubai5
-    steps: int | None = None  # None -> card["sampler"]["steps"]
+    steps: int | None = None  # None -> the card's sampler.steps
     device: str = "auto"  # auto | cpu | cuda | mps
     bands: list[int] | None = None  # 1-based input bands in the model's band order
     extent: tuple[float, float, float, float] | None = None  # xmin, ymin, xmax, ymax
@@ -153,14 +152,14 @@ def _validate(options: RunOptions) -> None:
         raise IdgbrError(f"Unknown mode {options.mode!r}: use 'refine' or 'segment'.", "mode")
     if options.mode == "segment" and options.coarse is not None:
         raise IdgbrError("A coarse map is only used by refine; drop --coarse or run 'idgbr refine'.", "coarse")
-    _check_int("steps", options.steps, 1, 100, "--steps")
-    _check_int("tile", options.tile, 16, MAX_TILE, "--tile")
+    _check_int("steps", options.steps, MIN_STEPS, MAX_STEPS, "--steps")
+    _check_int("tile", options.tile, MIN_TILE, MAX_TILE, "--tile")
     _check_int("overlap", options.overlap, 0, MAX_TILE // 2, "--overlap")
     _check_int("band", options.band, -1, MAX_RULE_PX, "--band", " (-1 or 'off': rule off)")
     _check_int("vocabulary", options.vocabulary, -1, MAX_RULE_PX, "--vocabulary", " (-1 or 'off': rule off)")
     _check_probability("min confidence", options.min_confidence, "--min-confidence", " (0: gate off)",
                        "min_confidence")
-    _check_int("seed", options.seed, 0, 2**31 - 1, "--seed")
+    _check_int("seed", options.seed, 0, MAX_SEED, "--seed")
     with blame("pixel_size"):
         check_pixel_size_option(options.pixel_size)
     check_precision(options.precision)
@@ -173,12 +172,12 @@ def _validate(options: RunOptions) -> None:
                              "its own file name, e.g. confidence.tif.", "confidence")
 
 
-def _sampler_rules(card: dict, options: RunOptions) -> tuple[int, int, float]:
-    """Band, vocabulary and min confidence of the run: the options, else the card's defaults (else off)."""
-    sampler = card.get("sampler", {})
-    band = int(sampler.get("band", -1)) if options.band is None else options.band
-    vocabulary = int(sampler.get("vocabulary", -1)) if options.vocabulary is None else options.vocabulary
-    min_confidence = (float(sampler.get("min_confidence", 0.0)) if options.min_confidence is None
+def _sampler_rules(card: ModelCard, options: RunOptions) -> tuple[int, int, float]:
+    """Band, vocabulary and min confidence of the run: the options, else the card's defaults."""
+    sampler = card.sampler
+    band = sampler.band if options.band is None else options.band
+    vocabulary = sampler.vocabulary if options.vocabulary is None else options.vocabulary
+    min_confidence = (float(sampler.min_confidence) if options.min_confidence is None
                       else float(options.min_confidence))
     return band, vocabulary, min_confidence
 
@@ -189,9 +188,9 @@ def _notes_for_crs(src) -> list[str]:
     return []
 
 
-def _resolution(src, window, card: dict, options: RunOptions):
+def _resolution(src, window, card: ModelCard, options: RunOptions):
     """The run's ResolutionPlan (idgbr.resolution) and its notes; raises IdgbrError for unusable sizes."""
-    name = str(card.get("name") or "the model")
+    name = card.name or "the model"
     if options.pixel_size is not None:
         input_m, notes = float(options.pixel_size), [f"INPUT's pixel size given: {metres(options.pixel_size)} m."]
         if src.crs is not None:
@@ -284,7 +283,7 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
                            _staged_progress(progress, 0.0, share), cancel)
             coarse_tiles = first.run().coarse_tiles
             temp.finish()
-            own = CoarseSource(temp.tmp, c_src, int(bundle.card["num_classes"]))
+            own = CoarseSource(temp.tmp, c_src, bundle.card.num_classes)
             stack.callback(own.close)
             source = GridCoarse(own, coarse_grid, final_grid)
             final_start, final_share = share, 1.0 - share
@@ -311,7 +310,7 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
         assert isinstance(out, UpsampledWriter)  # the rows reached INPUT's grid through it
         hist = out.class_hist
         assert hist is not None  # count_classes=True
-        stats.class_pixels = {i: int(n) for i, n in enumerate(hist[: int(bundle.card["num_classes"])]) if n}
+        stats.class_pixels = {i: int(n) for i, n in enumerate(hist[: bundle.card.num_classes]) if n}
         stats.nodata_pixels = int(hist[NODATA])
         # Counted on the refiner's grid; in INPUT pixels, about that times the pixels per working pixel.
         stats.changed_pixels = int(round(stats.changed_pixels * final_grid.sx * final_grid.sy))
@@ -372,13 +371,12 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         for note in notes:
             log.info(note)
 
-        tile = options.tile or int(card.get("tile_size", 512))
-        overlap = int(card.get("overlap", 64)) if options.overlap is None else options.overlap
+        tile = options.tile or card.tile_size
+        overlap = card.overlap if options.overlap is None else options.overlap
         if overlap * 2 > tile:
             raise IdgbrError(f"--overlap {overlap} is more than half the tile size {tile}; give an overlap "
                              f"from 0 to {tile // 2}.", "overlap")
-        sampler = card.get("sampler", {})
-        steps = int(sampler.get("steps", 4)) if options.steps is None else options.steps
+        steps = card.sampler.steps if options.steps is None else options.steps
         band, vocabulary, min_confidence = _sampler_rules(card, options)
         config = EngineConfig(mode=options.mode, tile=tile, overlap=overlap,
                               batch=default_batch(bundle.device.type), steps=steps, seed=options.seed,
@@ -388,7 +386,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         try:
             if coarse_path is not None:
                 with blame("coarse"):
-                    coarse = CoarseSource(coarse_path, src, int(card["num_classes"]))
+                    coarse = CoarseSource(coarse_path, src, card.num_classes)
                     coverage_note = coarse.coverage(window)
                     coarse.validate(window)
                 if coarse.resampled:
@@ -399,7 +397,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                 if coverage_note:
                     notes.append(coverage_note)
                     log.info(coverage_note)
-            tags = {"IDGBR_MODEL": str(card.get("name", "")), "IDGBR_MODE": options.mode,
+            tags = {"IDGBR_MODEL": card.name, "IDGBR_MODE": options.mode,
                     "IDGBR_STEPS": str(steps if options.mode == "refine" else 0), "IDGBR_SEED": str(options.seed),
                     "IDGBR_VERSION": __version__, "IDGBR_INPUT": input_path.name}
             if options.mode == "refine":
@@ -408,7 +406,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
             tags.update(IDGBR_INPUT_PIXEL_M=f"{plan.input_m:g}", IDGBR_COARSE_PIXEL_M=f"{coarse_m:g}",
                         IDGBR_REFINE_PIXEL_M=f"{refine_m:g}", IDGBR_PRECISION=precision)
             with contextlib.ExitStack() as outputs:
-                writer = outputs.enter_context(OutputWriter(output, src, window, list(card["classes"]), tags))
+                writer = outputs.enter_context(OutputWriter(output, src, window, card.class_dicts(), tags))
                 confidence_writer = None
                 if confidence_path is not None:
                     confidence_writer = outputs.enter_context(ConfidenceWriter(confidence_path, src, window, tags))
@@ -420,10 +418,10 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
             if coarse is not None:
                 coarse.close()
     result = RunResult(
-        output=output, mode=options.mode, model=str(card.get("name", "")), device=str(bundle.device),
+        output=output, mode=options.mode, model=card.name, device=str(bundle.device),
         width=int(window.width), height=int(window.height), seconds=time.perf_counter() - started,
         tiles=stats.tiles if options.mode == "refine" else stats.coarse_tiles, tiles_refined=stats.tiles_refined,
-        steps=steps if options.mode == "refine" else 0, classes=list(card["classes"]),
+        steps=steps if options.mode == "refine" else 0, classes=card.class_dicts(),
         class_pixels=stats.class_pixels, nodata_pixels=stats.nodata_pixels, notes=notes,
         coarse_tiles=stats.coarse_tiles, tile_shape=stats.tile_shape, input_pixel_m=plan.input_m,
         coarse_pixel_m=coarse_m, refine_pixel_m=refine_m, precision=precision)

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .errors import IdgbrError
+from .limits import PRECISIONS
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HALF_TYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 import signal
 import threading
@@ -31,6 +32,7 @@ from typing import Iterator, TypedDict
 import numpy as np
 import torch
 
+from .card import ModelCard, Sampler
 from .checkpoint import load_checkpoint, save_checkpoint, split_state
 from .data import BINARY_TASKS, CropSampler, Scene, load_accra, load_scenes, normalize
 from .degrade import random_degradation
@@ -43,7 +45,7 @@ STATE_SUFFIX = ".state.pt"
 EMA_DECAY = 0.998
 TRAIN_BAND = 16  # the rules' radius in training: at least the widest band validation may choose
 # Sampler defaults of a freshly trained refiner, until validation (`python -m idgbr.validate`) picks its own.
-DEFAULT_SAMPLER = {"steps": 2, "strength": 1.0, "seed": 0, "band": 8, "vocabulary": 8, "min_confidence": 0.5}
+DEFAULT_SAMPLER = Sampler(band=8, vocabulary=8, min_confidence=0.5)
 
 
 @dataclass
@@ -84,15 +86,15 @@ def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.Abstr
 def _coarse_only(path: Path, device: torch.device):
     """A model file's coarse segmenter alone (the refiner part, of any version, is not needed)."""
     tensors, card = load_checkpoint(path)
-    card = {**card, "architecture": {"coarse": card["architecture"]["coarse"]}, "parts": ["coarse"]}
+    card = dataclasses.replace(card, architecture={"coarse": card.architecture["coarse"]}, parts=["coarse"])
     return build_bundle({k: v for k, v in tensors.items() if k.startswith("coarse.")}, card, device, path)
 
 
-def training_scenes(run: RefinerRun, card: dict) -> list[Scene]:
+def training_scenes(run: RefinerRun, card: ModelCard) -> list[Scene]:
     """Multiclass: the Dubai tiles. Binary: the Dubai tiles as road scenes and/or building scenes (``run.task``),
     and for buildings with ``accra`` the Accra drone tiles at ~0.2 and ~0.1 m; each scene remembers its
     foreground class."""
-    if card["task"] == "multiclass":
+    if card.task == "multiclass":
         return load_scenes(run.data, run.tiles, "multiclass")
     if run.task not in (None, "roads", "buildings"):
         raise IdgbrError(f"--task {run.task} is not a refiner task of a binary model; give roads or buildings, "
@@ -110,7 +112,7 @@ def training_scenes(run: RefinerRun, card: dict) -> list[Scene]:
     return scenes
 
 
-def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: torch.device) -> list[str]:
+def attach_real_maps(run: RefinerRun, card: ModelCard, scenes: list[Scene], device: torch.device) -> list[str]:
     """Predict every scene with every coarse source; scenes carry them as extra (S, H, W). Returns names.
 
     A binary refiner of both foregrounds (roads, buildings) takes its real maps from multiclass sources only
@@ -118,17 +120,17 @@ def attach_real_maps(run: RefinerRun, card: dict, scenes: list[Scene], device: t
     one foreground (``run.task``) also learns from binary models of it."""
     from .train import predict_scene
 
-    binary = card["task"] != "multiclass"
+    binary = card.task != "multiclass"
     mixed = binary and run.task is None
     names: list[str] = []
     maps: list[list[np.ndarray]] = [[] for _ in scenes]
     for path in [run.coarse_model, *run.coarse_sources]:
         bundle = _coarse_only(path, device)
-        if mixed and bundle.card["task"] != "multiclass":
+        if mixed and bundle.card.task != "multiclass":
             print(f"{path.name}: a binary model of one foreground; not a source for this refiner", flush=True)
             continue
         for i, scene in enumerate(scenes):
-            maps[i].append(predict_scene(bundle, scene, card["task"], scene.foreground))
+            maps[i].append(predict_scene(bundle, scene, card.task, scene.foreground))
         names.append(path.stem)
     if run.pixel_classifier and not mixed:
         from .classical import PixelClassifier
@@ -207,17 +209,17 @@ def make_batch(run: RefinerRun, sampler: CropSampler, generator: torch.Generator
     return images, labels, coarse.clamp(0, k - 1)
 
 
-def train_refiner(run: RefinerRun) -> dict:
+def train_refiner(run: RefinerRun) -> ModelCard:
     device = select_device(run.device)
     torch.manual_seed(run.seed)
     coarse_tensors, card = load_checkpoint(run.coarse_model)
     card = copy.deepcopy(card)
-    card.update(sampler=dict(DEFAULT_SAMPLER), metrics={})
-    card["training"].pop("refiner", None)
-    k = int(card["num_classes"])
+    card.sampler, card.metrics = copy.deepcopy(DEFAULT_SAMPLER), {}
+    card.training.pop("refiner", None)
+    k = card.num_classes
     scenes = training_scenes(run, card)
     source_names = attach_real_maps(run, card, scenes, device)
-    mean, std = card["normalization"]["mean"], card["normalization"]["std"]
+    mean, std = card.normalization.mean, card.normalization.std
     print(f"refiner: {len(scenes)} scenes ({sum(s.labels.size for s in scenes) / 1e6:.0f} MP), real maps of "
           f"{', '.join(source_names)}", flush=True)
 
@@ -249,11 +251,11 @@ def train_refiner(run: RefinerRun) -> dict:
         # continues the schedule from there with a fresh optimizer (after a short warm-up).
         tensors, warm_card = load_checkpoint(run.warm_start)
         weights = split_state(tensors, "refiner.")
-        if not weights or warm_card["num_classes"] != k:
+        if not weights or warm_card.num_classes != k:
             raise IdgbrError(f"--warm-start {run.warm_start} has no {k}-class refiner to continue from.")
         model.load_state_dict(weights)
         ema.model.load_state_dict(weights)
-        done = warm_card.get("training", {}).get("refiner", {})
+        done = warm_card.training.get("refiner", {})
         progress.update({"iteration": int(done.get("iterations", 0)), "seconds": float(done.get("hours", 0)) * 3600,
                          "sessions": int(done.get("sessions", 0)), "loss": float(done.get("final_loss", 0.0))})
         warm_from = progress["iteration"]
@@ -271,12 +273,12 @@ def train_refiner(run: RefinerRun) -> dict:
             "augmentation": "scale 0.5-2.5x (log-uniform), rotations, flips, strong photometric"}
 
     def save() -> None:
-        card["name"] = run.output.stem
-        card["architecture"]["refiner"] = config.to_dict()
-        card["parts"] = ["coarse", "refiner"] if "coarse" in card["architecture"] else ["refiner"]
-        card["training"]["refiner"] = {**meta, "iterations": progress["iteration"],
-                                       "hours": round(progress["seconds"] / 3600, 2),
-                                       "sessions": progress["sessions"], "final_loss": round(progress["loss"], 4)}
+        card.name = run.output.stem
+        card.architecture["refiner"] = config.to_dict()
+        card.parts = ["coarse", "refiner"] if "coarse" in card.architecture else ["refiner"]
+        card.training["refiner"] = {**meta, "iterations": progress["iteration"],
+                                    "hours": round(progress["seconds"] / 3600, 2),
+                                    "sessions": progress["sessions"], "final_loss": round(progress["loss"], 4)}
         tensors = {f"coarse.{n}": v for n, v in split_state(coarse_tensors, "coarse.").items()}
         tensors.update({f"refiner.{n}": v for n, v in ema.model.state_dict().items()})
         save_checkpoint(run.output, tensors, card)

@@ -15,9 +15,11 @@ from dataclasses import dataclass, field
 from rasterio.crs import CRS
 from rasterio.errors import CRSError
 
+from .card import ModelCard
 from .errors import IdgbrError
+from .limits import MAX_PIXEL_SIZE_M
 
-MAX_INPUT_PIXEL_M = 10.0  # coarser rasters are refused: no bundled model sees buildings or roads there
+MAX_INPUT_PIXEL_M = MAX_PIXEL_SIZE_M  # coarser rasters are refused (idgbr.limits)
 RANGE_FACTOR = 2.0  # a card without pixel_size_range_m is valid from working / 2 to working * 2
 DEFAULT_WORKING_M = 0.5  # cards without pixel_size_m (none of ours): assume the bundled models' value
 METRES_PER_DEGREE_LAT = 110_574.0  # WGS84, mid latitudes: close enough for choosing a resolution
@@ -25,40 +27,19 @@ METRES_PER_DEGREE_LON_EQUATOR = 111_320.0
 SAME = 1e-6  # relative difference below which two pixel sizes are one
 
 
-def working_pixel_size(card: dict) -> float:
+def working_pixel_size(card: ModelCard) -> float:
     """The model card's working resolution in metres per pixel (``pixel_size_m``)."""
-    value = card.get("pixel_size_m")
-    return float(value) if value else DEFAULT_WORKING_M
+    return float(card.pixel_size_m) if card.pixel_size_m else DEFAULT_WORKING_M
 
 
-def pixel_size_range(card: dict) -> tuple[float, float]:
+def pixel_size_range(card: ModelCard) -> tuple[float, float]:
     """[min, max] metres per pixel the model is valid at: the card's ``pixel_size_range_m``, else the working
     value / 2 to * 2 (the one place that default is written)."""
-    given = card.get("pixel_size_range_m")
+    given = card.pixel_size_range_m
     if given:
         return float(given[0]), float(given[1])
     working = working_pixel_size(card)
     return working / RANGE_FACTOR, working * RANGE_FACTOR
-
-
-def range_problem(card: dict) -> str | None:
-    """Why the card's ``pixel_size_range_m`` is invalid (None when absent or valid); for validate_card."""
-    given = card.get("pixel_size_range_m")
-    if given is None:
-        return None
-
-    def number(v: object) -> bool:
-        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-    if not isinstance(given, list) or len(given) != 2 or not all(number(v) for v in given):
-        return f"is {given!r}; it must be [min, max] in metres per pixel"
-    low, high = given
-    if not 0 < low <= high:
-        return f"is {given!r}; it must be [min, max] with 0 < min <= max"
-    working = card.get("pixel_size_m")
-    if number(working) and not low <= working <= high:
-        return f"is {given!r}; it must contain pixel_size_m {working:g}"
-    return None
 
 
 def metres(value: float) -> str:
@@ -66,7 +47,7 @@ def metres(value: float) -> str:
     return f"{value:.3g}" if value < 10 else f"{value:.1f}".rstrip("0").rstrip(".")
 
 
-def range_text(card: dict) -> str:
+def range_text(card: ModelCard) -> str:
     """'works from 0.25 to 1 m per pixel (working resolution 0.5 m)'."""
     low, high = pixel_size_range(card)
     return (f"works from {metres(low)} to {metres(high)} m per pixel (working resolution "
@@ -90,7 +71,7 @@ def _linear_factor(crs: CRS) -> float:
     return float(factor) if factor and math.isfinite(factor) and factor > 0 else 1.0
 
 
-def detect_pixel_size(src, window, card: dict) -> tuple[float, str | None]:
+def detect_pixel_size(src, window, card: ModelCard) -> tuple[float, str | None]:
     """Metres per pixel of INPUT over ``window`` and a note for the run when it is assumed (no CRS).
 
     Projected CRS: the transform's pixel size in the CRS's linear unit. Geographic: the size in degrees at the
@@ -157,7 +138,7 @@ def same_size(a: float, b: float) -> bool:
     return abs(a - b) <= SAME * max(a, b)
 
 
-def plan_resolution(input_m: float, card: dict, model_name: str = "the model") -> ResolutionPlan:
+def plan_resolution(input_m: float, card: ModelCard, model_name: str = "the model") -> ResolutionPlan:
     """At which resolution each pass works, for an input of ``input_m`` metres per pixel.
 
     - The coarse segmenter recognises objects, which needs them at the scale it learnt: inside the model's

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import sys
 import time
@@ -12,7 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .checkpoint import save_checkpoint
+from .card import ClassEntry, ModelCard, Normalization, Sampler
+from .checkpoint import load_checkpoint, save_checkpoint, split_state
 from .classes import BUILDING_CLASSES, DUBAI_CLASSES, DUBAI_ROAD_ID, IGNORE_ID, ROAD_CLASSES
 from .data import CropSampler, Scene, channel_stats, load_accra, load_scenes, normalize
 from .errors import IdgbrError
@@ -21,32 +23,28 @@ from .models.coarse import CoarseConfig
 from .models.fcn import FCN_KIND, FcnConfig
 from .refiner_training import RefinerRun, autocast_for, train_refiner
 
-# What validation chose for both bundled models; `python -m idgbr.validate` rewrites it per model.
-DEFAULT_SAMPLER = {"steps": 2, "strength": 1.0, "guard_band": 0, "seed": 0}
 
-
-def base_card(name: str, task: str, mean: list[float], std: list[float], pixel_size_m: float = 0.5) -> dict:
-    """``task``: "multiclass", or a binary task ("binary"/"roads": road vs. rest, "buildings")."""
+def base_card(name: str, task: str, mean: list[float], std: list[float], pixel_size_m: float = 0.5) -> ModelCard:
+    """The card of a new coarse model (no architecture yet); ``task``: "multiclass", or a binary task
+    ("binary"/"roads": road vs. rest, "buildings"). The sampler keeps its defaults until a refiner is trained
+    and `python -m idgbr.validate` chooses them per model."""
     classes = {"multiclass": DUBAI_CLASSES, "buildings": BUILDING_CLASSES}.get(task, ROAD_CLASSES)
-    return {
-        "name": name,
-        "task": "multiclass" if task == "multiclass" else "binary",
-        "num_classes": len(classes),
-        "classes": [c.to_dict() for c in classes],
-        "bands": ["red", "green", "blue"],
-        "bands_default": [1, 2, 3],
-        "normalization": {"mean": mean, "std": std, "units": "8-bit digital numbers"},
-        "tile_size": 512,
-        "overlap": 64,
-        "size_multiple": 16,
+    return ModelCard(
+        name=name,
+        task="multiclass" if task == "multiclass" else "binary",
+        num_classes=len(classes),
+        classes=[ClassEntry(c.id, c.name, c.color) for c in classes],
+        bands=["red", "green", "blue"],
+        bands_default=[1, 2, 3],
+        normalization=Normalization(mean, std, "8-bit digital numbers"),
+        tile_size=512,
+        overlap=64,
+        size_multiple=16,
         # The Dubai imagery states no ground sample distance; 0.5 m is the nominal value we assume.
-        "pixel_size_m": pixel_size_m,
-        "sampler": dict(DEFAULT_SAMPLER),
-        "architecture": {},
-        "parts": [],
-        "training": {},
-        "metrics": {},
-    }
+        pixel_size_m=pixel_size_m,
+        sampler=Sampler(),
+        architecture={},
+    )
 
 
 class Schedule:
@@ -95,7 +93,9 @@ def _log(message: str) -> None:
 
 def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: float, minutes: float | None,
                  batch: int, crop: int, lr: float, device_name: str, seed: int, architecture: str = "encoder-decoder",
-                 accra: Path | None = None) -> dict:
+                 accra: Path | None = None, warm_start: Path | None = None) -> ModelCard:
+    """Train a coarse segmenter; ``warm_start``: continue from that model file's segmenter (same architecture)
+    with a fresh optimizer and schedule, its earlier training kept in the card."""
     torch.manual_seed(seed)
     device = select_device(device_name)
     scenes = load_scenes(data, tiles, task)
@@ -107,15 +107,19 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
         scenes += load_accra(accra, "train", 4) + load_accra(accra, "train", 8)
         pixel_size = 0.3
     card = base_card(out.stem, task, mean, std, pixel_size)
-    config = (FcnConfig if architecture == FCN_KIND else CoarseConfig)(num_classes=card["num_classes"])
+    config = (FcnConfig if architecture == FCN_KIND else CoarseConfig)(num_classes=card.num_classes)
     model = build_coarse(config.to_dict()).to(device)
+    earlier: list[dict] = []
+    if warm_start is not None:
+        earlier = _warm_start_coarse(model, warm_start, config.to_dict())
+        _log(f"warm start from {warm_start}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     iterations = _iterations(scenes, crop, batch, epochs)
     schedule = Schedule(optimizer, lr, iterations, minutes)
     sampler = CropSampler(scenes, crop, scale_range=(0.6, 1.7) if accra else (0.75, 1.33), seed=seed,
                           strong_photometric=accra is not None)
     autocast, precision = autocast_for(device, "auto")
-    class_weight = inverse_sqrt_frequency(scenes, card["num_classes"]).to(device)
+    class_weight = inverse_sqrt_frequency(scenes, card.num_classes).to(device)
     model.train()
     iteration, running, started = 0, 0.0, time.monotonic()
     while schedule.step(iteration):
@@ -132,16 +136,30 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
         iteration += 1
         if iteration % 50 == 0:
             _log(f"coarse it {iteration} loss {running:.4f} {time.monotonic() - started:.0f}s")
-    card["architecture"]["coarse"] = config.to_dict()
-    card["parts"] = ["coarse"]
-    card["training"]["coarse"] = {
+    card.architecture["coarse"] = config.to_dict()
+    card.parts = ["coarse"]
+    card.training["coarse"] = {
         "tiles": tiles, "accra": accra is not None, "precision": precision,
         "iterations": iteration, "batch": batch, "crop": crop, "lr": lr, "seed": seed,
         "minutes": round((time.monotonic() - started) / 60, 1), "device": str(device), "final_loss": round(running, 4),
     }
+    if earlier:
+        card.training["coarse"]["earlier"] = earlier  # the runs this one continued, oldest first
     save_checkpoint(out, {f"coarse.{k}": v for k, v in model.state_dict().items()}, card)
     _log(f"wrote {out}")
     return card
+
+
+def _warm_start_coarse(model: torch.nn.Module, source: Path, config: dict) -> list[dict]:
+    """Load ``source``'s coarse weights into ``model``; returns its training records (oldest first)."""
+    tensors, card = load_checkpoint(source)
+    if card.architecture.get("coarse") != json.loads(json.dumps(config)):  # as stored: tuples become lists
+        raise IdgbrError(f"--warm-start {source} holds another coarse segmenter than this run builds; give the "
+                         "--task and --architecture it was trained with.")
+    model.load_state_dict(split_state(tensors, "coarse."))
+    record = dict(card.training.get("coarse", {}))
+    earlier = record.pop("earlier", [])
+    return [*earlier, record]
 
 
 @torch.inference_mode()
@@ -155,9 +173,9 @@ def predict_scene(bundle: ModelBundle, scene: Scene, task: str, foreground: int 
     """Coarse ids of a whole scene with a coarse model. For a binary ``task`` a multiclass model's
     ``foreground`` class (default: road) against the rest is a legitimate coarse map."""
     card = bundle.card
-    image, height, width = pad_to_multiple(bundle.normalize(scene.image.transpose(2, 0, 1)), card["size_multiple"])
+    image, height, width = pad_to_multiple(bundle.normalize(scene.image.transpose(2, 0, 1)), card.size_multiple)
     ids = bundle.segment(image)[0, :, :height, :width].argmax(0).byte().cpu().numpy()
-    if task != "multiclass" and card["task"] == "multiclass":
+    if task != "multiclass" and card.task == "multiclass":
         ids = (ids == (DUBAI_ROAD_ID if foreground is None else foreground)).astype(np.uint8)
     return ids
 
@@ -169,7 +187,7 @@ def _run(args: argparse.Namespace) -> int:
                   lr=args.lr if args.lr is not None else 2e-3, device_name=args.device, seed=args.seed)
     if args.stage == "coarse":
         train_coarse(args.data, args.output, args.tiles.split(","), args.task, architecture=args.architecture,
-                     accra=args.accra, **common)
+                     accra=args.accra, warm_start=args.warm_start, **common)
     else:
         if not args.coarse_model:
             raise IdgbrError("idgbr train refiner needs --coarse-model (a file from 'idgbr train coarse').")
@@ -216,7 +234,8 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="refiner only: continue from OUTPUT.state.pt (written by an earlier run)")
     parser.add_argument("--warm-start", type=Path, default=None, metavar="MODEL",
-                        help="refiner only, with --resume: where OUTPUT.state.pt is missing, continue from this model "
+                        help="coarse: continue from this model file's segmenter (a fresh optimizer and schedule); "
+                             "refiner, with --resume: where OUTPUT.state.pt is missing, continue from this model "
                              "file's refiner (its averaged weights and recorded iterations; a fresh optimizer)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="refiner only: bf16 autocast (auto: on CUDA and on CPUs with bf16 matrix units)")

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .card import ModelCard
 from .checkpoint import load_checkpoint, save_checkpoint
 from .classes import IGNORE_ID
 from .classical import PixelClassifier, superpixel_refine
@@ -52,14 +53,14 @@ class Dataset:
     selection: list[int]  # indices used to choose the defaults
 
 
-def binary_task(card: dict) -> str | None:
+def binary_task(card: ModelCard) -> str | None:
     """"roads" or "buildings" for a binary model (from its foreground class name), None for multiclass."""
-    if card["task"] == "multiclass":
+    if card.task == "multiclass":
         return None
-    return "buildings" if "building" in card["classes"][1]["name"].lower() else "roads"
+    return "buildings" if "building" in card.classes[1].name.lower() else "roads"
 
 
-def validation_datasets(card: dict, data: Path, accra: Path | None, tile: str, select_parts: list[int],
+def validation_datasets(card: ModelCard, data: Path, accra: Path | None, tile: str, select_parts: list[int],
                         max_images: int = 0) -> list[Dataset]:
     task = binary_task(card) or "multiclass"
     scenes = load_scenes(data, [tile], task)[: max_images or None]
@@ -105,7 +106,7 @@ def coarse_sources(bundle: ModelBundle, dataset: Dataset, second: ModelBundle | 
 def refine_logits(bundle: ModelBundle, image: np.ndarray, coarse: np.ndarray, steps: int, band: int,
                   seed: int = 0) -> torch.Tensor:
     """(K, H, W) refined logits of a whole image, under band = vocabulary radius ``band`` (-1: no rules)."""
-    padded, height, width = pad_to_multiple(bundle.normalize(image.transpose(2, 0, 1)), bundle.card["size_multiple"])
+    padded, height, width = pad_to_multiple(bundle.normalize(image.transpose(2, 0, 1)), bundle.card.size_multiple)
     coarse_t = torch.from_numpy(coarse.astype(np.int64))[None, None].float()
     coarse_t = F.pad(coarse_t, (0, padded.shape[-1] - width, 0, padded.shape[-2] - height), mode="replicate")
     logits = bundle.refine(padded, coarse_t[:, 0].long(), [(0, 0)], steps=steps, band=band, vocabulary=band,
@@ -159,7 +160,7 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
 
     Each step count is sampled once with the widest band; narrower bands and the gate are applied to its
     logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
-    k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
+    k, names = bundle.num_classes, [c.name for c in bundle.card.classes]
     widest = max(BAND_CHOICES)
     # (dataset, coarse maps, base scores, {steps: {scene index: logits}})
     cases: list[tuple[Dataset, list[np.ndarray], dict, dict[int, dict[int, torch.Tensor]]]] = []
@@ -204,7 +205,7 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
 
 def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defaults: dict) -> tuple[dict, dict]:
     """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest)."""
-    k, names = bundle.num_classes, [c["name"] for c in bundle.card["classes"]]
+    k, names = bundle.num_classes, [c.name for c in bundle.card.classes]
     scenes = dataset.scenes
     band, conf = defaults["band"], defaults["min_confidence"]
     whole: dict[str, dict[str, dict]] = {}
@@ -284,8 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         draw_figure(args.figure, first.scenes, all_sources[datasets.index(first)]["bundled CNN segmenter"],
                     bundle, defaults, card)
     if not args.no_update:
-        card["sampler"].update(defaults)
-        card["metrics"] = {
+        card.sampler = replace(card.sampler, **defaults)
+        card.metrics = {
             "validation": {"datasets": summary["datasets"], "defaults": defaults},
             **{f"{name} / {src}": {row: {m: r[m] for m in ("miou", "boundary_f", "boundary_iou", "iou_imp")}
                                    for row, r in rows.items()}
@@ -297,15 +298,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def draw_figure(path: Path, scenes: list[Scene], coarse: list[np.ndarray], bundle: ModelBundle, defaults: dict,
-                card: dict, crop: int = 256, count: int = 3) -> None:
+                card: ModelCard, crop: int = 256, count: int = 3) -> None:
     """Rows of image | coarse | refined | truth crops, class colours with black class boundaries."""
     from PIL import Image, ImageDraw
 
     from .classes import hex_to_rgb
 
     palette = np.zeros((256, 3), np.uint8)
-    for c in card["classes"]:
-        palette[c["id"]] = hex_to_rgb(c["color"])
+    for c in card.classes:
+        palette[c.id] = hex_to_rgb(c.color)
     palette[IGNORE_ID] = (155, 155, 155)
 
     def paint(ids: np.ndarray) -> np.ndarray:

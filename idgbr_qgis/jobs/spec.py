@@ -18,12 +18,20 @@ from qgis.core import (
     QgsRectangle,
 )
 
+from ..i18n import tr
+from ..limits import MODES, PRECISIONS
 from .inputs import RasterSource
 from .outcome import JobError
 
-MODES = ("refine", "segment")
 # Ground pixel size for copies of web layers when the model card does not name one.
 DEFAULT_PIXEL_SIZE_M = 0.5
+
+
+def precision_choices() -> List[Tuple[Optional[str], str]]:
+    """(job field, label) of each precision a user can pick; None is the device's default."""
+    labels = {"auto": tr("auto (bf16 on CPUs with bf16 units, half on GPUs)"), "fp32": tr("fp32"),
+              "bf16": tr("bf16 (faster on CPUs with AMX or AVX512-BF16)"), "fp16": tr("fp16 (NVIDIA GPUs only)")}
+    return [(None, tr("Device default (fp32 on CPUs, half on GPUs)"))] + [(p, labels.get(p, p)) for p in PRECISIONS]
 
 
 @dataclass
@@ -72,6 +80,7 @@ class JobSpec:
     extent: Optional[JobExtent] = None  # None: the whole input
     model: Optional[str] = None  # a bundled model's name or a .safetensors path; None: the default model
     device: str = "auto"
+    precision: Optional[str] = None  # of the networks (auto, fp32, bf16, fp16); None: the device's default
     bands: Optional[List[int]] = None  # 1-based input bands in the model's band order; None: the card's
     steps: Optional[int] = None  # None: the model card's
     band: Optional[int] = None  # px; -1 = rule off; None = the model card's
@@ -97,7 +106,7 @@ class JobSpec:
 
     def job_fields(self) -> Dict[str, Any]:
         """The fields every backend job of this run shares (input and coarse paths are added by the runner)."""
-        fields: Dict[str, Any] = {"device": self.device}
+        fields: Dict[str, Any] = {"device": self.device, "precision": self.precision}
         if self.model:
             fields["model"] = self.model
         if self.bands:

@@ -38,12 +38,12 @@ from ..jobs import inputs
 from ..jobs.inputs import RasterSource
 from ..jobs.outcome import JobCancelled, JobError, result_name, user_message
 from ..jobs.runner import JobRunner
-from ..jobs.spec import JobExtent, JobSpec
+from ..jobs.spec import JobExtent, JobSpec, precision_choices
+from ..limits import DEVICES, MAX_RULE_PX, MAX_STEPS, MIN_STEPS
 from .polygons import polygonize_classes
 from .postprocess import style_confidence_on_load, style_on_load
 
 ICON = Path(__file__).resolve().parent.parent / "resources" / "icons" / "idgbr.svg"
-DEVICES = ["auto", "cpu", "cuda"]
 RASTER_SUFFIXES = (".tif", ".tiff")
 
 
@@ -61,6 +61,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
     MIN_CONFIDENCE = "MIN_CONFIDENCE"
     PIXEL_SIZE = "PIXEL_SIZE"
     DEVICE = "DEVICE"
+    PRECISION = "PRECISION"
     OUTPUT = "OUTPUT"
     CONFIDENCE = "CONFIDENCE"
     OUTPUT_POLYGONS = "OUTPUT_POLYGONS"
@@ -133,18 +134,18 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
         if refine:
             self._add(QgsProcessingParameterNumber(self.STEPS, tr("Diffusion steps (optional)"),
                                                    QgsProcessingParameterNumber.Integer, optional=True,
-                                                   minValue=1, maxValue=100),
+                                                   minValue=MIN_STEPS, maxValue=MAX_STEPS),
                       tr("Denoising steps of the refiner: more is slower and smoother. Empty: the model's default."))
             self._add(QgsProcessingParameterNumber(self.BAND, tr("Change band in pixels (optional, -1 = off)"),
                                                    QgsProcessingParameterNumber.Integer, optional=True,
-                                                   minValue=-1, maxValue=1024),
+                                                   minValue=-1, maxValue=MAX_RULE_PX),
                       tr("The refiner may change a pixel only within this many pixels of a coarse class boundary. "
                          "0 keeps the coarse map, -1 switches the rule off. Empty: the model's default."),
                       advanced=True)
             self._add(QgsProcessingParameterNumber(self.VOCABULARY, tr("Class vocabulary radius in pixels "
                                                                        "(optional, -1 = off)"),
                                                    QgsProcessingParameterNumber.Integer, optional=True,
-                                                   minValue=-1, maxValue=1024),
+                                                   minValue=-1, maxValue=MAX_RULE_PX),
                       tr("A pixel may only take a class the coarse map has within this many pixels, so regions are "
                          "never invented or erased. -1 switches the rule off. Empty: the model's default."),
                       advanced=True)
@@ -164,9 +165,15 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                      "input's grid. 0: from the layer's CRS (without a CRS: the model's working resolution). Not "
                      "used for layers copied to a temporary GeoTIFF (they are copied at the model's pixel size)."),
                   advanced=True)
-        self._add(QgsProcessingParameterEnum(self.DEVICE, tr("Device"), options=DEVICES, defaultValue=0),
-                  tr("Where the backend runs the model: auto picks the GPU when the backend's PyTorch can use one."),
-                  advanced=True)
+        self._add(QgsProcessingParameterEnum(self.DEVICE, tr("Device"), options=list(DEVICES), defaultValue=0),
+                  tr("Where the backend runs the model: auto picks a GPU (CUDA, then Apple MPS) when the backend's "
+                     "PyTorch can use one."), advanced=True)
+        self._add(QgsProcessingParameterEnum(self.PRECISION, tr("Precision"),
+                                             options=[label for _, label in precision_choices()], defaultValue=0,
+                                             optional=True),  # optional: models saved before it keep working
+                  tr("Number format of the networks. bf16 is faster on CPUs with AMX or AVX512-BF16 units and "
+                     "changes a few boundary pixels; fp16 runs on NVIDIA GPUs only. The refiner's rules and its "
+                     "confidence always use fp32."), advanced=True)
         self._add(QgsProcessingParameterRasterDestination(self.OUTPUT, self.output_label()),
                   tr("GeoTIFF of class ids (uint8) on the input's pixel grid and CRS, with a colour table; loaded "
                      "under the input's and the model's names."))
@@ -223,6 +230,7 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
             extent=self._extent(parameters, context),
             model=str(Path(model).resolve()) if model and model.lower().endswith(".safetensors") else model,
             device=DEVICES[self.parameterAsEnum(parameters, self.DEVICE, context)],
+            precision=precision_choices()[self.parameterAsEnum(parameters, self.PRECISION, context)][0],
             bands=self.parameterAsInts(parameters, self.BANDS, context) or None,
             steps=self._optional_int(parameters, self.STEPS, context),
             band=self._optional_int(parameters, self.BAND, context),
@@ -347,7 +355,8 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
 # The job's fields as the toolbox calls them: a failure names the parameter to change.
 PARAMETER_NAMES = {"input": "INPUT", "bands": "BANDS", "coarse": "COARSE", "model": "MODEL", "extent": "EXTENT",
                    "steps": "STEPS", "band": "BAND", "vocabulary": "VOCABULARY", "min_confidence": "MIN_CONFIDENCE",
-                   "pixel_size": "PIXEL_SIZE", "device": "DEVICE", "output": "OUTPUT", "confidence": "CONFIDENCE"}
+                   "pixel_size": "PIXEL_SIZE", "device": "DEVICE", "precision": "PRECISION", "output": "OUTPUT",
+                   "confidence": "CONFIDENCE"}
 
 
 def _progress_to(feedback: QgsProcessingFeedback) -> Callable[[float, str], None]:

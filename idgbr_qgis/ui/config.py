@@ -16,6 +16,7 @@ from urllib.parse import urlparse
 from qgis.core import QgsApplication, QgsSettings
 
 from ..i18n import tr
+from ..limits import DEFAULT_MODEL, DEVICES, MAX_PIXEL_SIZE_M, MAX_RULE_PX, MAX_STEPS, MIN_STEPS, PRECISIONS
 
 KEY_DEVICE = "idgbr/device"
 KEY_MODEL = "idgbr/model"
@@ -27,18 +28,17 @@ KEY_MIN_CONFIDENCE = "idgbr/min_confidence"
 KEY_SHOW_CONFIDENCE = "idgbr/show_confidence"
 KEY_SHOW_CHANGES = "idgbr/show_changes"  # add the changed pixels (refined vs coarse) to the results
 KEY_OUTPUT_DIR = "idgbr/output_dir"
+KEY_PRECISION = "idgbr/precision"  # of the networks; empty: the device's default
 KEY_PIXEL_SIZE = "idgbr/pixel_size"  # the input's metres per pixel; 0: from the layer's CRS
 KEY_INDEX_URL = "idgbr/index_url"  # the package index of the backend setup; empty: PyTorch's, then pip's
-MAX_PIXEL_SIZE = 10.0  # the backend refuses coarser rasters
+MAX_PIXEL_SIZE = MAX_PIXEL_SIZE_M  # the backend refuses coarser rasters
 
-DEVICES = ("auto", "cpu", "cuda", "mps")
-DEFAULT_MODEL = "dubai5"
-MODEL_DEFAULT = -1  # steps: take the model card's value
-MAX_STEPS = 50
+# Devices, precisions, the default model and the ranges come from ..limits (the backend's, mirrored).
+MODEL_DEFAULT = MIN_STEPS - 1  # steps: one below the smallest is "take the model card's value"
+PRECISION_DEFAULT = ""  # the device's default: fp32 on CPUs, a half type on CUDA GPUs
 # Band and vocabulary (px): -1 switches a rule off, so "the model card's value" is one below.
 RULE_DEFAULT = -2
 RULE_OFF = -1
-MAX_RULE_PX = 256
 # Minimum confidence (0..1, 0 = gate off): one spin-box step below 0 is "the model card's value".
 CONFIDENCE_DEFAULT = -0.05
 
@@ -51,6 +51,11 @@ def rule_field(value: int) -> Optional[int]:
 def confidence_field(value: float) -> Optional[float]:
     """A minimum-confidence setting as the job's field: None for the card's default."""
     return None if value < 0 else round(float(value), 4)
+
+
+def precision_field(value: str) -> Optional[str]:
+    """The precision setting as the job's field: None (the device's default) for an empty one."""
+    return value if value in PRECISIONS else None
 
 
 def pixel_size_field(value: float) -> Optional[float]:
@@ -134,12 +139,14 @@ class UserSettings:
     show_changes: bool = False
     output_dir: str = ""
     pixel_size: float = 0.0  # metres per input pixel; 0 = from the layer's CRS
+    precision: str = PRECISION_DEFAULT  # one of PRECISIONS, or the device's default
     index_url: str = ""  # where the backend setup downloads packages; empty = PyTorch's index, then pip's
 
     @classmethod
     def load(cls, settings: Optional[QgsSettings] = None) -> UserSettings:
         s = settings or QgsSettings()
         device = str(s.value(KEY_DEVICE, "auto") or "auto")
+        precision = str(s.value(KEY_PRECISION, PRECISION_DEFAULT) or PRECISION_DEFAULT)
         return cls(
             device=device if device in DEVICES else "auto",
             model=str(s.value(KEY_MODEL, DEFAULT_MODEL) or DEFAULT_MODEL),
@@ -151,6 +158,7 @@ class UserSettings:
             show_changes=_bool(s.value(KEY_SHOW_CHANGES, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
             pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE),
+            precision=precision if precision in PRECISIONS else PRECISION_DEFAULT,
             index_url=str(s.value(KEY_INDEX_URL, "") or "").strip(),
         )
 
@@ -166,6 +174,7 @@ class UserSettings:
         s.setValue(KEY_SHOW_CHANGES, bool(self.show_changes))
         s.setValue(KEY_OUTPUT_DIR, self.output_dir)
         s.setValue(KEY_PIXEL_SIZE, float(self.pixel_size))
+        s.setValue(KEY_PRECISION, self.precision)
         s.setValue(KEY_INDEX_URL, self.index_url.strip())
 
     def results_dir(self) -> Path:

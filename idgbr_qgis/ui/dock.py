@@ -63,8 +63,8 @@ MODEL_BANDS = 3  # the bundled models read red, green, blue
 FIELD_LABELS = {"input": "Raster", "coarse": "Class layer", "extent": "Extent", "bands": "Band mapping",
                 "steps": "Steps", "band": "Change band (px)", "vocabulary": "Vocabulary (px)",
                 "min_confidence": "Min. confidence", "model": "Settings… ▸ Model", "device": "Settings… ▸ Device",
-                "pixel_size": "Settings… ▸ Input pixel size", "output": "Settings… ▸ Results folder",
-                "confidence": "Settings… ▸ Results folder"}
+                "pixel_size": "Settings… ▸ Input pixel size", "precision": "Settings… ▸ Precision",
+                "output": "Settings… ▸ Results folder", "confidence": "Settings… ▸ Results folder"}
 
 
 class DockError(Exception):
@@ -539,6 +539,7 @@ class IdgbrDock(QgsDockWidget):
             extent=extent,
             model=self.settings.job_model(),
             device=self.settings.device,
+            precision=config.precision_field(self.settings.precision),
             bands=self.band_mapping(),
             steps=None if self.stepsSpin.value() == config.MODEL_DEFAULT else self.stepsSpin.value(),
             band=config.rule_field(self.bandSpin.value()),

@@ -31,6 +31,7 @@ from qgis.PyQt.QtWidgets import (
 
 from ..backend_process import ENV_PYTHON, SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
 from ..i18n import tr
+from ..jobs.spec import precision_choices
 from . import config
 
 OTHER_MODEL = "__other__"
@@ -87,6 +88,14 @@ class SettingsDialog(QDialog):
                              ("cuda", "NVIDIA GPU (CUDA)"), ("mps", "Apple GPU (MPS)")):
             self.deviceCombo.addItem(text, device)
         form.addRow(tr("Device"), self.deviceCombo)
+
+        self.precisionCombo = QComboBox(self)
+        for precision, text in precision_choices():
+            self.precisionCombo.addItem(text, precision or config.PRECISION_DEFAULT)
+        self.precisionCombo.setToolTip(tr("Number format of the networks. bf16 is faster on CPUs with AMX or "
+                                          "AVX512-BF16 units and changes a few boundary pixels; fp16 runs on NVIDIA "
+                                          "GPUs only. The refiner's rules and its confidence always use fp32."))
+        form.addRow(tr("Precision (advanced)"), self.precisionCombo)
 
         self.modelCombo = QComboBox(self)
         for name in config.model_choices():
@@ -151,6 +160,7 @@ class SettingsDialog(QDialog):
         settings = config.UserSettings.load()
         self.pythonWidget.setFilePath(str(QgsSettings().value(SETTINGS_PYTHON, "") or ""))
         self.deviceCombo.setCurrentIndex(max(0, self.deviceCombo.findData(settings.device)))
+        self.precisionCombo.setCurrentIndex(max(0, self.precisionCombo.findData(settings.precision)))
         index = self.modelCombo.findData(settings.model)
         if index < 0:
             self.modelCombo.setCurrentIndex(self.modelCombo.findData(OTHER_MODEL))
@@ -216,6 +226,7 @@ class SettingsDialog(QDialog):
             settings.remove(SETTINGS_PYTHON)
         user = config.UserSettings.load()
         user.device = str(self.deviceCombo.currentData())
+        user.precision = str(self.precisionCombo.currentData() or config.PRECISION_DEFAULT)
         user.model = self.model_value()
         user.steps = self.stepsSpin.value()
         user.pixel_size = self.pixelSizeSpin.value()

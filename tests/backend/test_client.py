@@ -250,6 +250,18 @@ def test_refused_request_names_the_field_at_fault(client: Any, sample: Path, tmp
     with pytest.raises(bc.BackendError) as info:
         client.submit(input=sample, output=tmp_path / "o.tif", steps=500)
     assert (info.value.status, info.value.code, info.value.parameter) == (422, "bad_parameter", "steps")
+    with pytest.raises(bc.BackendError) as info:
+        client.submit(input=sample, output=tmp_path / "o.tif", precision="fp8")
+    assert (info.value.status, info.value.code, info.value.parameter) == (422, "bad_parameter", "precision")
+
+
+def test_precision_a_device_cannot_run_fails_the_job_naming_precision(client: Any, bundled_model: Path,
+                                                                      sample: Path, tmp_path: Path) -> None:
+    job_id = client.submit(input=str(sample), output=str(tmp_path / "out.tif"), device="cpu", precision="fp16")
+    with pytest.raises(bc.JobFailed, match="fp16 runs only on a CUDA GPU") as info:
+        client.wait(job_id, poll=0.1)
+    assert (info.value.code, info.value.parameter) == ("bad_parameter", "precision")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cancel_mid_job_leaves_no_output(client: Any, bundled_model: Path, sample: Path,

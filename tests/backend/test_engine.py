@@ -13,6 +13,7 @@ import rasterio
 import torch
 
 from idgbr import pipeline
+from idgbr.card import ClassEntry, ModelCard, Normalization, Sampler
 from idgbr.errors import Cancelled, IdgbrError
 from idgbr.models.constraints import allowed_classes, constrain_logits
 from idgbr.models.diffusion import position_noise
@@ -29,11 +30,11 @@ class FakeBundle:
     vocabulary rules like the real sampler."""
 
     def __init__(self, multiple: int = 8) -> None:
-        self.card = {"name": "fake", "num_classes": 3, "classes": CLASSES, "bands": ["red", "green", "blue"],
-                     "bands_default": [1, 2, 3], "normalization": {"mean": [100.0] * 3, "std": [50.0] * 3},
-                     "tile_size": 64, "overlap": 16, "size_multiple": multiple, "pixel_size_m": 0.5,
-                     "sampler": {"steps": 2, "band": 4, "vocabulary": 4, "min_confidence": 0.0, "seed": 0,
-                                 "strength": 1.0}}
+        self.card = ModelCard(name="fake", num_classes=3, classes=[ClassEntry(**c) for c in CLASSES],
+                              bands=["red", "green", "blue"], bands_default=[1, 2, 3],
+                              normalization=Normalization([100.0] * 3, [50.0] * 3), architecture={},
+                              tile_size=64, overlap=16, size_multiple=multiple, pixel_size_m=0.5,
+                              sampler=Sampler(steps=2, band=4, vocabulary=4))
         self.device = torch.device("cpu")
         self.coarse = self.refiner = object()
         self.segment_tiles = 0
@@ -45,7 +46,7 @@ class FakeBundle:
         return (tensor - 100.0) / 50.0
 
     def segment(self, images, precision=None):
-        assert images.shape[-1] % self.card["size_multiple"] == 0
+        assert images.shape[-1] % self.card.size_multiple == 0
         self.segment_tiles += images.shape[0]
         brightness = images.mean(dim=1, keepdim=True)
         centres = torch.tensor([-1.0, 0.0, 1.0])[None, :, None, None]

@@ -88,6 +88,36 @@ def test_rules_switch_off_independently():
     assert not vocab_only[0, 2, 50, 45]
 
 
+def _allowed_by_definition(ids: np.ndarray, k: int, band: int, vocabulary: int) -> np.ndarray:
+    """The rules as written in the model card, pixel by pixel: a class is allowed where the coarse map has it
+    within ``vocabulary`` px and, unless it is the coarse class, a coarse boundary lies within ``band`` px."""
+    height, width = ids.shape
+    edge = np.zeros_like(ids, dtype=bool)
+    edge[1:] |= ids[1:] != ids[:-1]
+    edge[:-1] |= ids[1:] != ids[:-1]
+    edge[:, 1:] |= ids[:, 1:] != ids[:, :-1]
+    edge[:, :-1] |= ids[:, 1:] != ids[:, :-1]
+    allowed = np.zeros((k, height, width), bool)
+    for y in range(height):
+        for x in range(width):
+            near = ids[max(0, y - vocabulary):y + vocabulary + 1, max(0, x - vocabulary):x + vocabulary + 1]
+            in_band = band > 0 and edge[max(0, y - band):y + band + 1, max(0, x - band):x + band + 1].any()
+            for cls in range(k):
+                allowed[cls, y, x] = (cls in near) and (in_band or cls == ids[y, x])
+    return allowed
+
+
+def test_rules_match_their_definition_for_every_radius_pair():
+    """The fast window maxima give exactly the rules' definition, also where one radius exceeds the other."""
+    generator = torch.Generator().manual_seed(3)
+    small = torch.randint(0, 3, (1, 1, 5, 6), generator=generator).float()
+    ids = torch.nn.functional.interpolate(small, size=(23, 29), mode="nearest")[:, 0].long()
+    for band, vocabulary in ((0, 0), (1, 1), (2, 5), (5, 2), (4, 4), (9, 3), (3, 30)):
+        expected = _allowed_by_definition(ids[0].numpy(), 3, band, vocabulary)
+        got = allowed_classes(ids, 3, band, vocabulary)[0].numpy()
+        assert np.array_equal(got, expected), (band, vocabulary)
+
+
 def test_confidence_gate_keeps_the_coarse_class_where_the_refiner_is_unsure():
     coarse = torch.zeros(1, 1, 3, dtype=torch.long)
     probs = torch.tensor([[0.3, 0.7], [0.45, 0.55], [0.9, 0.1]]).T.reshape(1, 2, 1, 3)

@@ -9,8 +9,10 @@ import rasterio
 import torch
 
 from idgbr import cli, precision
+from idgbr.checkpoint import read_card
 from idgbr.cli import main
 from idgbr.errors import IdgbrError
+from idgbr.model_bundle import default_model_path
 from idgbr.pipeline import RunOptions, run
 from idgbr.precision import resolve_precision
 
@@ -99,7 +101,8 @@ def test_bench_runs_each_precision_once_and_reports_them_side_by_side(monkeypatc
                 "seconds": seconds, "tiles": 4, "tiles_refined": 3, "coarse_tiles": 4, "tile_shape": [512, 512],
                 "peak_rss": int(0.5e9), "load": 1.0}
 
-    report = bench.render_report([row("fp32", 3.0), row("bf16", 2.0)], {"cpu": "test"}, {"name": "dubai5"},
+    card = read_card(default_model_path())
+    report = bench.render_report([row("fp32", 3.0), row("bf16", 2.0)], {"cpu": "test"}, card,
                                  (None, None), {"steps": 1, "device": "cpu", "mosaic_size": 1000,
                                                 "large_size": 2000, "large_rows": 128})
     assert "| mode | precision | s/MP |" in report

@@ -5,6 +5,7 @@ input's resolution as the range allows) and the output always on the input's gri
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 
@@ -15,7 +16,8 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import from_origin
 from rasterio.windows import Window
 
-from idgbr.checkpoint import describe, validate_card
+from idgbr.card import ModelCard
+from idgbr.checkpoint import describe, read_card
 from idgbr.cli import main
 from idgbr.errors import IdgbrError
 from idgbr.model_bundle import bundled_models
@@ -25,11 +27,9 @@ from idgbr.resolution import (
     detect_pixel_size,
     pixel_size_range,
     plan_resolution,
-    range_problem,
 )
 
 MODEL = "buildings2"
-CARD = {"name": "buildings2", "pixel_size_m": 0.3}
 
 
 @pytest.fixture(autouse=True)
@@ -53,6 +53,11 @@ def at_pixel(sample_raster, raster_writer):
     return at
 
 
+def card(**changes) -> ModelCard:
+    """The bundled model's card (working 0.3 m, no range of its own), with CHANGES."""
+    return dataclasses.replace(read_card(bundled_models()[MODEL]), **changes)
+
+
 def fails(args: list[str], capsys) -> str:
     assert main(args) == 1
     err = capsys.readouterr().err
@@ -63,24 +68,24 @@ def fails(args: list[str], capsys) -> str:
 # ---------------------------------------------------------------------------------------------- the plan
 
 def test_default_range_is_half_to_twice_the_working_value():
-    assert pixel_size_range({"pixel_size_m": 0.5}) == (0.25, 1.0)
-    assert pixel_size_range({"pixel_size_m": 0.3, "pixel_size_range_m": [0.1, 0.8]}) == (0.1, 0.8)
+    assert pixel_size_range(card(pixel_size_m=0.5)) == (0.25, 1.0)
+    assert pixel_size_range(card(pixel_size_m=0.3, pixel_size_range_m=[0.1, 0.8])) == (0.1, 0.8)
 
 
 @pytest.mark.parametrize("value", [[0.6, 0.2], [0, 1], [0.1], "0.1,1", [0.4, 0.8], [0.1, math.inf]])
 def test_bad_range_in_a_card(value):
-    assert range_problem({"pixel_size_m": 0.3, "pixel_size_range_m": value})
+    with pytest.raises(IdgbrError, match="invalid: pixel_size_range_m"):
+        ModelCard.from_dict({**card().to_dict(), "pixel_size_m": 0.3, "pixel_size_range_m": value})
 
 
-def test_validate_card_checks_the_range_and_info_shows_it():
-    from idgbr.checkpoint import read_card
-
-    card = read_card(bundled_models()[MODEL])
-    assert "valid from 0.15 to 0.6 m" in describe(card)
+def test_the_card_checks_the_range_and_info_shows_it():
+    data = card().to_dict()
+    assert "valid from 0.15 to 0.6 m" in describe(card())
     with pytest.raises(IdgbrError, match="pixel_size_range_m"):
-        validate_card({**card, "pixel_size_range_m": [0.5, 0.1]})
-    assert validate_card({**card, "pixel_size_range_m": [0.05, 1.2]})["pixel_size_range_m"] == [0.05, 1.2]
-    assert "valid from 0.05 to 1.2 m" in describe({**card, "pixel_size_range_m": [0.05, 1.2]})
+        ModelCard.from_dict({**data, "pixel_size_range_m": [0.5, 0.1]})
+    wide = ModelCard.from_dict({**data, "pixel_size_range_m": [0.05, 1.2]})
+    assert wide.pixel_size_range_m == [0.05, 1.2]
+    assert "valid from 0.05 to 1.2 m" in describe(wide)
 
 
 @pytest.mark.parametrize("input_m, coarse_m, refine_m", [
@@ -90,13 +95,13 @@ def test_validate_card_checks_the_range_and_info_shows_it():
     (2.0, 0.3, 0.6),  # coarser: coarse at working, refiner at the coarsest valid
 ])
 def test_plan(input_m, coarse_m, refine_m):
-    plan = plan_resolution(input_m, CARD, "buildings2")
+    plan = plan_resolution(input_m, card(), "buildings2")
     assert (plan.coarse_m, plan.refine_m) == pytest.approx((coarse_m, refine_m))
 
 
 def test_plan_refuses_rasters_coarser_than_10_m():
     with pytest.raises(IdgbrError, match="INPUT is 30 m per pixel; dubai5 works from 0.25 to 1 m"):
-        plan_resolution(30.0, {"pixel_size_m": 0.5}, "dubai5")
+        plan_resolution(30.0, card(pixel_size_m=0.5), "dubai5")
 
 
 def test_virtual_grid_and_nearest_mapping(sample_raster):
@@ -208,7 +213,7 @@ def test_geographic_crs(sample_raster, raster_writer, tmp_path):
     # 5e-7 degrees at 25 N: about 0.05 m east-west, 0.055 m north-south.
     src = raster_writer("geo.tif", data, crs="EPSG:4326", transform=from_origin(55.2, 25.1, 5e-7, 5e-7))
     with rasterio.open(src) as s:
-        metres, note = detect_pixel_size(s, Window(0, 0, s.width, s.height), CARD)
+        metres, note = detect_pixel_size(s, Window(0, 0, s.width, s.height), card())
     assert note is None and 0.05 < metres < 0.056
     result = run(RunOptions(input=src, output=tmp_path / "o.tif", mode="segment", model=MODEL, device="cpu"))
     assert result.coarse_pixel_m == pytest.approx(0.3)

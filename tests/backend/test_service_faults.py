@@ -34,8 +34,8 @@ def models_folder(tmp_path: Path, bundled_model: Path, monkeypatch: pytest.Monke
     shutil.copy(bundled_model, folder / "dubai5.safetensors")
     tensors, card = load_checkpoint(bundled_model)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(folder / "listed.safetensors"), metadata={"idgbr_card": json.dumps([card])})
-    many = {**card, "num_classes": 300}
+    save_file(tensors, str(folder / "listed.safetensors"), metadata={"idgbr_card": json.dumps([card.to_dict()])})
+    many = {**card.to_dict(), "num_classes": 300}
     save_file(tensors, str(folder / "many.safetensors"), metadata={"idgbr_card": json.dumps(many)})
     monkeypatch.setenv("IDGBR_MODELS_DIR", str(folder))
     return folder

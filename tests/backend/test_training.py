@@ -46,10 +46,10 @@ def test_training_writes_models_that_run(tiny_dataset: Path, tmp_path: Path):
     full = tmp_path / "model.safetensors"
     train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
     card = train_refiner(_refiner_run(tiny_dataset, coarse, full, iterations=3))
-    assert card["parts"] == ["coarse", "refiner"]
-    training = card["training"]["refiner"]
+    assert card.parts == ["coarse", "refiner"]
+    training = card.training["refiner"]
     assert training["iterations"] == 3 and training["hours"] >= 0 and training["coarse_sources"] == ["coarse"]
-    assert card["sampler"]["band"] >= 0 and card["sampler"]["vocabulary"] >= 0
+    assert card.sampler.band >= 0 and card.sampler.vocabulary >= 0
     bundle = load_bundle(full, device="cpu")
     image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 32, 32)))
     ids = bundle.segment(image).argmax(1)
@@ -63,10 +63,10 @@ def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_da
     straight, split = tmp_path / "straight.safetensors", tmp_path / "split.safetensors"
     train_refiner(_refiner_run(tiny_dataset, coarse, straight))
     first = train_refiner(_refiner_run(tiny_dataset, coarse, split, session_iterations=2))
-    assert first["training"]["refiner"]["iterations"] == 2
+    assert first.training["refiner"]["iterations"] == 2
     assert Path(str(split) + STATE_SUFFIX).is_file()
     second = train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True))
-    assert second["training"]["refiner"]["iterations"] == 4 and second["training"]["refiner"]["sessions"] == 2
+    assert second.training["refiner"]["iterations"] == 4 and second.training["refiner"]["sessions"] == 2
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(split)
     refiner_keys = [k for k in a if k.startswith("refiner.")]
@@ -85,7 +85,7 @@ def test_resume_without_a_state_names_the_missing_file(tiny_dataset: Path, tmp_p
 def test_fcn_is_a_usable_coarse_model_for_a_binary_refiner(tiny_dataset: Path, tmp_path: Path):
     fcn = tmp_path / "fcn.safetensors"
     card = train_coarse(tiny_dataset, fcn, ["tile2", "tile3"], "binary", architecture="fcn", **COARSE_SETTINGS)
-    assert card["architecture"]["coarse"]["kind"] == "fcn" and card["num_classes"] == 2
+    assert card.architecture["coarse"]["kind"] == "fcn" and card.num_classes == 2
     train_refiner(_refiner_run(tiny_dataset, fcn, tmp_path / "model.safetensors", iterations=2))
     bundle = load_bundle(tmp_path / "model.safetensors", device="cpu")
     assert type(bundle.coarse).__name__ == "FcnNet"
@@ -114,4 +114,23 @@ def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path,
     train_refiner(_refiner_run(tiny_dataset, coarse, shipped, session_iterations=2))
     out = tmp_path / "continued.safetensors"
     card = train_refiner(_refiner_run(tiny_dataset, coarse, out, resume=True, warm_start=shipped))
-    assert card["training"]["refiner"]["iterations"] == 4 and card["training"]["refiner"]["sessions"] == 2
+    assert card.training["refiner"]["iterations"] == 4 and card.training["refiner"]["sessions"] == 2
+
+
+def test_coarse_training_continues_from_a_model_file(tiny_dataset: Path, tmp_path: Path):
+    """`idgbr train coarse --warm-start`: starts from the file's segmenter, keeps its training record, and refuses
+    a segmenter of another architecture."""
+    from idgbr.errors import IdgbrError
+
+    first, second = tmp_path / "first.safetensors", tmp_path / "second.safetensors"
+    train_coarse(tiny_dataset, first, ["tile2", "tile3"], "binary", **COARSE_SETTINGS)
+    untrained = {**COARSE_SETTINGS, "lr": 0.0}  # a zero learning rate keeps the loaded weights as they are
+    card = train_coarse(tiny_dataset, second, ["tile2", "tile3"], "binary", warm_start=first, **untrained)
+    a, _ = load_checkpoint(first)
+    b, _ = load_checkpoint(second)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("coarse."))
+    earlier = card.training["coarse"]["earlier"]
+    assert len(earlier) == 1 and earlier[0]["iterations"] > 0
+    with pytest.raises(IdgbrError, match="another coarse segmenter"):
+        train_coarse(tiny_dataset, tmp_path / "fcn.safetensors", ["tile2", "tile3"], "binary", architecture="fcn",
+                     warm_start=first, **COARSE_SETTINGS)

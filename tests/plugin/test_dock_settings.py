@@ -55,6 +55,7 @@ def test_values_persist_and_the_manager_reconnects_after_an_interpreter_change(k
     dialog.deviceCombo.setCurrentIndex(dialog.deviceCombo.findData("cpu"))
     dialog.modelCombo.setCurrentIndex(dialog.modelCombo.findData("roads2"))
     dialog.stepsSpin.setValue(6)
+    dialog.precisionCombo.setCurrentIndex(dialog.precisionCombo.findData("bf16"))
     dialog.pixelSizeSpin.setValue(0.05)
     dialog.outputWidget.setFilePath(str(tmp_path))
     dialog.accept()
@@ -63,12 +64,14 @@ def test_values_persist_and_the_manager_reconnects_after_an_interpreter_change(k
     user = config.UserSettings.load()
     assert (user.device, user.model, user.steps, user.output_dir) == ("cpu", "roads2", 6, str(tmp_path))
     assert user.pixel_size == pytest.approx(0.05) and config.pixel_size_field(user.pixel_size) == 0.05
+    assert user.precision == "bf16" and config.precision_field(user.precision) == "bf16"
     assert forgotten == [True]
     # A fresh dialog shows what was saved.
     again = SettingsDialog(Manager(locate=_no_backend))
     assert again.python_path() == sys.executable
     assert again.deviceCombo.currentData() == "cpu" and again.model_value() == "roads2"
     assert again.stepsSpin.value() == 6 and again.pixelSizeSpin.value() == pytest.approx(0.05)
+    assert again.precisionCombo.currentData() == "bf16"
     assert config.pixel_size_field(0.0) is None  # 0: the backend reads the layer's CRS
     again.reject()
 
@@ -198,9 +201,8 @@ class RecordingClient:
         return {"state": "succeeded", "result": {"classes": [], "notes": []}}
 
 
-@pytest.mark.parametrize("setting, sent", [(0.05, 0.05), (0.0, None)])
-def test_dock_run_sends_the_pixel_size_setting(sample_raster, tmp_path, setting, sent):
-    """Settings… ▸ Input pixel size reaches both backend jobs of a dock run (coarse, refine); 0 sends none."""
+def _dock_run_jobs(sample_raster, tmp_path, **spec_fields) -> list[dict]:
+    """The backend jobs of one dock run (coarse, then refine) with these JobSpec fields."""
     from qgis.core import QgsRasterLayer
 
     from idgbr_qgis.jobs import inputs
@@ -210,7 +212,21 @@ def test_dock_run_sends_the_pixel_size_setting(sample_raster, tmp_path, setting,
     backend = RecordingClient()
     layer = QgsRasterLayer(str(sample_raster), "sample")
     spec = JobSpec(mode="refine", input=inputs.describe(layer), output=tmp_path / "r.tif",
-                   coarse_output=tmp_path / "c.tif", pixel_size=config.pixel_size_field(setting))
+                   coarse_output=tmp_path / "c.tif", **spec_fields)
     assert RefineTask(backend, spec, "sample").run()
     assert [job["mode"] for job in backend.submitted] == ["segment", "refine"]
-    assert [job.get("pixel_size") for job in backend.submitted] == [sent, sent]
+    return backend.submitted
+
+
+@pytest.mark.parametrize("setting, sent", [(0.05, 0.05), (0.0, None)])
+def test_dock_run_sends_the_pixel_size_setting(sample_raster, tmp_path, setting, sent):
+    """Settings… ▸ Input pixel size reaches both backend jobs of a dock run (coarse, refine); 0 sends none."""
+    jobs = _dock_run_jobs(sample_raster, tmp_path, pixel_size=config.pixel_size_field(setting))
+    assert [job.get("pixel_size") for job in jobs] == [sent, sent]
+
+
+@pytest.mark.parametrize("setting, sent", [("bf16", "bf16"), ("", None)])
+def test_dock_run_sends_the_precision_setting(sample_raster, tmp_path, setting, sent):
+    """Settings… ▸ Precision reaches both backend jobs of a dock run; the device default sends none."""
+    jobs = _dock_run_jobs(sample_raster, tmp_path, precision=config.precision_field(setting))
+    assert [job.get("precision") for job in jobs] == [sent, sent]

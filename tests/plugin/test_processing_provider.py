@@ -24,7 +24,7 @@ from idgbr_qgis.jobs.outcome import JobError
 from idgbr_qgis.styling import apply_class_style, categorized_renderer, class_data
 
 REFINE_PARAMETERS = ["INPUT", "BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
-                     "PIXEL_SIZE", "DEVICE", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"]
+                     "PIXEL_SIZE", "DEVICE", "PRECISION", "OUTPUT", "CONFIDENCE", "OUTPUT_POLYGONS"]
 CLASSES = [{"id": 0, "name": "water", "color": "#E2A929"}, {"id": 2, "name": "road", "color": "#6EC1E4"},
            {"id": 1, "name": "land", "color": "#8429F6"}]
 
@@ -46,9 +46,9 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
         assert parameter.help(), f"{parameter.name()} has no help text"
     optional = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagOptional}
     assert optional == {"BANDS", "COARSE", "MODEL", "EXTENT", "STEPS", "BAND", "VOCABULARY", "MIN_CONFIDENCE",
-                        "PIXEL_SIZE", "CONFIDENCE", "OUTPUT_POLYGONS"}
+                        "PIXEL_SIZE", "PRECISION", "CONFIDENCE", "OUTPUT_POLYGONS"}
     advanced = {p.name() for p in alg.parameterDefinitions() if p.flags() & p.FlagAdvanced}
-    assert {"BAND", "VOCABULARY", "MIN_CONFIDENCE", "PIXEL_SIZE"} <= advanced
+    assert {"BAND", "VOCABULARY", "MIN_CONFIDENCE", "PIXEL_SIZE", "DEVICE", "PRECISION"} <= advanced
     pixel = alg.parameterDefinition("PIXEL_SIZE")  # metres per input pixel; 0 = from the layer's CRS
     assert (pixel.minimum(), pixel.defaultValue(), pixel.dataType()) == (0.0, 0.0, pixel.Double)
     for name in ("BAND", "VOCABULARY"):
@@ -57,7 +57,9 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
     gate = alg.parameterDefinition("MIN_CONFIDENCE")
     assert (gate.minimum(), gate.maximum(), gate.dataType()) == (0.0, 1.0, gate.Double)
     assert not alg.parameterDefinition("CONFIDENCE").createByDefault()
-    assert alg.parameterDefinition("DEVICE").options() == ["auto", "cpu", "cuda"]
+    assert alg.parameterDefinition("DEVICE").options() == ["auto", "cpu", "cuda", "mps"]
+    precision = alg.parameterDefinition("PRECISION")  # the device's default first, so old scripts keep theirs
+    assert precision.defaultValue() == 0 and len(precision.options()) == 5
     assert alg.parameterDefinition("BANDS").allowMultiple()
     # Runs in the Processing worker thread, cancellable, usable in batch mode.
     assert not alg.flags() & QgsProcessingAlgorithm.FlagNoThreading
@@ -71,7 +73,8 @@ def test_refine_parameters_help_and_flags(idgbr_provider):
 def test_segment_has_no_refiner_parameters(idgbr_provider):
     alg = QgsApplication.processingRegistry().algorithmById("idgbr:segment")
     names = [p.name() for p in alg.parameterDefinitions()]
-    assert names == ["INPUT", "BANDS", "MODEL", "EXTENT", "PIXEL_SIZE", "DEVICE", "OUTPUT", "OUTPUT_POLYGONS"]
+    assert names == ["INPUT", "BANDS", "MODEL", "EXTENT", "PIXEL_SIZE", "DEVICE", "PRECISION", "OUTPUT",
+                     "OUTPUT_POLYGONS"]
 
 
 def test_output_must_be_geotiff(idgbr_provider, sample_raster, tmp_path):

@@ -349,6 +349,7 @@ def _constant_coarse(sample_labels: Path, tmp_path: Path, value: int) -> Path:
     ({"EXTENT": "54.0,54.001,10.0,10.001 [EPSG:4326]"}, r"does not overlap INPUT"),
     ({"COARSE": "bad-ids"}, r"class ids 9.*outside this model's classes"),
     ({"MODEL": "not-a-bundle"}, r"not.*IDGBR model bundle|bundle"),
+    ({"DEVICE": 1, "PRECISION": 4}, r"fp16 runs only on a CUDA GPU.*parameter PRECISION"),
 ])
 def test_bad_inputs_are_explained(sample_raster, sample_labels, tmp_path, params, message):
     params = dict(params)
@@ -377,7 +378,7 @@ class Warnings(QgsProcessingFeedback):
 
 
 def test_pixel_size_parameter_runs_at_the_model_resolution_and_writes_the_input_grid(sample_raster, tmp_path):
-    """PIXEL_SIZE 0.05 on the 0.5 m sample: the backend takes the pixels for 5 cm ones (issue 13), segments at
+    """PIXEL_SIZE 0.05 on the 0.5 m sample: the backend takes the pixels for 5 cm ones, segments at
     dubai5's working 0.5 m, refines at 0.25 m and writes on the input's grid."""
     out = tmp_path / "refined.tif"
     feedback = Warnings()
@@ -386,3 +387,13 @@ def test_pixel_size_parameter_runs_at_the_model_resolution_and_writes_the_input_
     assert grid(out)[2:] == (128, 128)
     assert any("INPUT is 0.05 m per pixel; segmented at 0.5 m, refined at 0.25 m, written at 0.05 m" in w
                for w in feedback.warnings), feedback.warnings
+
+
+def test_precision_parameter_reaches_the_backend(sample_raster, tmp_path):
+    """PRECISION bf16: the run says which precision its networks used, and the map lands on the input grid."""
+    out = tmp_path / "refined.tif"
+    feedback = Warnings()
+    run({"INPUT": str(sample_raster), "EXTENT": SMALL, "STEPS": 1, "DEVICE": 1, "PRECISION": 3, "OUTPUT": str(out)},
+        feedback)
+    assert_on_sample_grid(out)
+    assert any("Precision: bf16 for the networks" in w for w in feedback.warnings), feedback.warnings

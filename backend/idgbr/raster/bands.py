@@ -10,6 +10,7 @@ import rasterio
 from rasterio.enums import Resampling
 from rasterio.windows import Window
 
+from ..card import ModelCard
 from ..errors import IdgbrError
 from .io import GDAL_ERRORS, damaged
 
@@ -30,11 +31,12 @@ def parse_bands(text: str) -> list[int]:
     return bands
 
 
-def select_bands(band_count: int, card: dict, requested: list[int] | None, input_name: str = "INPUT") -> list[int]:
+def select_bands(band_count: int, card: ModelCard, requested: list[int] | None,
+                 input_name: str = "INPUT") -> list[int]:
     """The 1-based input bands in the model's band order, checked against the raster and the model."""
-    names = list(card.get("bands") or ["band"] * len(card["normalization"]["mean"]))
+    names = list(card.bands or ["band"] * card.channels)
     needed = len(names)
-    bands = list(requested) if requested else list(card.get("bands_default") or range(1, needed + 1))
+    bands = list(requested) if requested else list(card.bands_default or range(1, needed + 1))
     example = ",".join(str(min(i + 1, band_count)) for i in range(needed))
     if len(bands) != needed:
         raise IdgbrError(f"The model needs {needed} bands ({', '.join(names)}) but {len(bands)} were given "

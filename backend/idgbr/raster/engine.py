@@ -39,6 +39,7 @@ import torch
 from rasterio.windows import Window
 from scipy import ndimage
 
+from ..card import ModelCard
 from ..errors import Cancelled
 from ..models.constraints import gate_changes
 from .bands import PixelScaler
@@ -162,10 +163,10 @@ class Engine:
         self.confidence_writer = confidence_writer if config.mode == "refine" else None
         self.progress = progress
         self.cancel = cancel
-        card = bundle.card
-        self.num_classes = int(card["num_classes"])
-        self.multiple = int(card.get("size_multiple", 1))
-        self.fill_8bit = np.asarray(card["normalization"]["mean"], dtype=np.float32)[:, None, None]
+        card: ModelCard = bundle.card
+        self.num_classes = card.num_classes
+        self.multiple = card.size_multiple
+        self.fill_8bit = np.asarray(card.normalization.mean, dtype=np.float32)[:, None, None]
         self.grid = TileGrid(int(window.height), int(window.width), config.tile, config.overlap, self.multiple)
         self.refining = config.mode == "refine"
         self.model_coarse = coarse is None

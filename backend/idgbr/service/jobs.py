@@ -130,13 +130,14 @@ class JobQueue:
         return not self._thread.is_alive()
 
     # -- API -----------------------------------------------------------------------------------------------------
-    def submit(self, options: Any, output: str, also_writes: Sequence[str] = ()) -> Job:
+    def submit(self, options: Any, output: str, also_writes: Sequence[str] = (), job_id: Optional[str] = None) -> Job:
+        """Queue a job; JOB_ID (default: a new random one) lets the caller name files after the job first."""
         with self._lock:
             if len(self._order) >= self._max_queued:
                 raise QueueFull(
                     f"{len(self._order)} jobs are already waiting: wait for some to finish or cancel them"
                 )
-            job = Job(id=uuid.uuid4().hex, options=options, output=output, also_writes=tuple(also_writes))
+            job = Job(id=job_id or uuid.uuid4().hex, options=options, output=output, also_writes=tuple(also_writes))
             self._jobs[job.id] = job
             self._order.append(job.id)
             self._forget_old()

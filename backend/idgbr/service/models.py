@@ -8,10 +8,11 @@ from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from idgbr.card import ModelCard
 from idgbr.errors import IdgbrError
 
 
-def read_card(path: Path) -> Dict[str, Any]:
+def read_card(path: Path) -> ModelCard:
     """The model card of a bundle, read from the file header only (no weights are loaded)."""
     from idgbr.checkpoint import read_card as checkpoint_card
 
@@ -23,14 +24,14 @@ class ModelCatalog:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._cards: Dict[Path, Tuple[Tuple[float, int], Dict[str, Any]]] = {}
+        self._cards: Dict[Path, Tuple[Tuple[float, int], ModelCard]] = {}
 
     def bundled(self) -> Dict[str, Path]:
         from idgbr.model_bundle import bundled_models
 
         return dict(bundled_models())
 
-    def card(self, path: Path) -> Dict[str, Any]:
+    def card(self, path: Path) -> ModelCard:
         stat = path.stat()
         key = (stat.st_mtime, stat.st_size)
         with self._lock:
@@ -58,7 +59,7 @@ class ModelCatalog:
             entry: Dict[str, Any] = {"name": name, "path": str(path), "available": False, "card": None,
                                      "error": None}
             try:
-                entry["card"] = self.card(path)
+                entry["card"] = self.card(path).to_dict()
                 entry["available"] = True
             except (IdgbrError, OSError) as exc:
                 entry["error"] = str(exc)
@@ -121,7 +122,7 @@ class BundleCache:
 
     def listing(self) -> List[Dict[str, Any]]:
         with self._lock:
-            return [{"name": str(bundle.card.get("name", Path(key[0]).stem)), "path": key[0],
+            return [{"name": bundle.card.name or Path(key[0]).stem, "path": key[0],
                      "device": str(bundle.device), "last_used": used}
                     for key, (bundle, used) in self._items.items()]
 
