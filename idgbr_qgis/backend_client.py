@@ -1,27 +1,33 @@
-"""Client of the local IDGBR backend service (`idgbr serve`).
+"""Client of the IDGBR backend service (`idgbr serve`): the local one, or a remote one over HTTPS.
 
 Standard library only: it runs inside QGIS's Python, which has neither torch nor the backend. It starts the
 service with a configured Python interpreter (or reuses one recorded in the state folder), then submits,
-polls, cancels jobs and shuts the service down over HTTP on the loopback address.
+polls, cancels jobs and shuts the service down over HTTP on the loopback address. `RemoteBackendClient`
+talks to a service on another computer (its URL, bearer token and, for a self-signed certificate, that
+certificate): rasters go up as uploads and results come back as checked downloads.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import json
 import os
 import queue
 import re
+import secrets
 import shutil
 import socket
+import ssl
 import subprocess
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 READY_PREFIX = "IDGBR READY port="
 STATE_FILE = "service.json"
@@ -73,6 +79,11 @@ class JobCancelled(BackendError):
     """The job was cancelled; it left no output."""
 
 
+class RemoteUnreachable(ServiceGone):
+    """A remote service that cannot be reached or trusted (network, TLS certificate); the message says what to
+    change."""
+
+
 def default_state_dir() -> Path:
     """Where the service's state, token and log live: $IDGBR_STATE_DIR, else ~/.idgbr."""
     env = os.environ.get("IDGBR_STATE_DIR")
@@ -81,6 +92,10 @@ def default_state_dir() -> Path:
 
 class BackendClient:
     """One running service. Build it with `start_or_connect`; every method may raise BackendError."""
+
+    remote = False  # jobs name paths on this computer (RemoteBackendClient: uploads and downloads)
+    lost_contact_s = 3.0  # a job's service silent this long is given up (a local one has died)
+    min_poll_s = 0.0
 
     def __init__(self, port: int, token: str, *, process: Optional[subprocess.Popen] = None,
                  log_path: Optional[Path] = None, log_offset: int = 0, state_dir: Optional[Path] = None,
@@ -292,8 +307,11 @@ class BackendClient:
         try:
             return json.loads(raw.decode("utf-8")) if raw else None
         except ValueError as exc:
-            raise BackendError(f"the backend service sent an unreadable answer to {method} {path} ({exc}): "
-                               f"update the backend ({_SETUP_HINT})") from None
+            raise self._unreadable(method, path, exc) from None
+
+    def _unreadable(self, method: str, path: str, exc: Exception) -> BackendError:
+        return BackendError(f"the backend service sent an unreadable answer to {method} {path} ({exc}): "
+                            f"update the backend ({_SETUP_HINT})")
 
     def _http_error(self, method: str, path: str, exc: urllib.error.HTTPError) -> BackendError:
         try:
@@ -381,9 +399,10 @@ class BackendClient:
                 # One missed poll can be a hiccup; a dead child process or 3 s of silence is not.
                 now = time.monotonic()
                 unreachable_since = unreachable_since or now
-                if (self.process is not None and self.process.poll() is not None) or now - unreachable_since > 3.0:
+                if (self.process is not None and self.process.poll() is not None) or \
+                        now - unreachable_since > self.lost_contact_s:
                     raise
-                time.sleep(poll)
+                time.sleep(max(poll, self.min_poll_s))
                 continue
             except BackendError as exc:
                 if exc.status == 404:
@@ -403,7 +422,7 @@ class BackendClient:
                                 code=error.get("code"), parameter=error.get("parameter"))
             if state == "cancelled":
                 raise JobCancelled(str(status.get("message") or "the job was cancelled"), code=error.get("code"))
-            time.sleep(poll)
+            time.sleep(max(poll, self.min_poll_s))
 
     def shutdown(self, timeout: float = 20.0) -> None:
         """Stop the service (running jobs are cancelled) and forget it in the state file."""
@@ -460,6 +479,355 @@ class BackendClient:
         if not tail:
             return f"Its log ({self.log_path}) is empty." if self.log_path else ""
         return f"Last lines of its log ({self.log_path}):\n" + "\n".join(tail)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# A service on another computer
+# --------------------------------------------------------------------------------------------------------------
+REMOTE_TIMEOUT_S = 30.0  # connecting, and each read or write of a request
+TRANSFER_TIMEOUT_S = 120.0  # each read or write of an upload or download (the service may be busy hashing)
+CHUNK = 1024 * 1024
+MB = 1024 * 1024
+CHECKSUM_HEADER = "X-Content-SHA256"
+REMOTE_SETTINGS = "Plugins ▸ IDGBR ▸ Settings… ▸ Remote backend"
+# OpenSSL's X509_V_ERR_HOSTNAME_MISMATCH and X509_V_ERR_IP_ADDRESS_MISMATCH.
+_NAME_MISMATCH_CODES = (62, 64)
+
+Transferred = Callable[[int, int], None]  # (bytes done, bytes in all)
+
+
+def remote_url_problem(url: str) -> Optional[str]:
+    """Why URL cannot be the address of a remote `idgbr serve` (https://host:port), or None."""
+    text = (url or "").strip()
+    example = "https://gpu-server:8443"
+    if not text:
+        return f"no URL is set for the remote backend: enter its address, such as {example}"
+    parsed = urllib.parse.urlsplit(text)
+    try:
+        port = parsed.port
+    except ValueError:
+        port = 0
+    if port == 0:
+        return f"the remote backend URL {text!r} has an invalid port: enter one such as {example}"
+    if parsed.scheme not in ("https", "http") or not parsed.hostname:
+        return f"{text!r} is not a backend URL: enter one such as {example}"
+    if parsed.query or parsed.fragment or parsed.username or parsed.password:
+        return f"the remote backend URL {text!r} must be only scheme, host and port: enter one such as {example}"
+    return None
+
+
+def token_problem(token: str) -> Optional[str]:
+    """Why TOKEN cannot be a service's bearer token (one word of printable ASCII), or None."""
+    if not token:
+        return "the token is empty"
+    if not token.isascii() or not token.isprintable() or any(c.isspace() for c in token):
+        return "a token is one line of letters, digits and signs without spaces"
+    return None
+
+
+def read_token_file(path: PathLike) -> str:
+    """The bearer token in a copy of a service's token file; BackendError says how to get a good one."""
+    hint = ("copy the service's token file (the file its --token-file names) to this computer and choose it in "
+            f"{REMOTE_SETTINGS}")
+    file = Path(path)
+    try:
+        token = file.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise BackendError(f"the token file {file} does not exist: {hint}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise BackendError(f"cannot read the token file {file} ({exc}): {hint}") from exc
+    problem = token_problem(token)
+    if problem:
+        raise BackendError(f"the token file {file} holds no token ({problem}): {hint}")
+    return token
+
+
+def _ssl_context(ca_file: Optional[Path]) -> ssl.SSLContext:
+    """The system's trusted certificates, plus CA_FILE (a self-signed service's own certificate)."""
+    context = ssl.create_default_context()
+    if ca_file is None:
+        return context
+    hint = (f"choose the service's certificate (its --tls-cert file, PEM) or the CA certificate that signed it in "
+            f"{REMOTE_SETTINGS}, or clear the field")
+    if not ca_file.is_file():
+        raise BackendError(f"the CA certificate {ca_file} does not exist or is not a file: {hint}")
+    try:
+        context.load_verify_locations(cafile=str(ca_file))
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise BackendError(f"the CA certificate {ca_file} is not a PEM certificate ({exc}): {hint}") from exc
+    return context
+
+
+class RemoteBackendClient(BackendClient):
+    """A service on another computer (`idgbr serve --allow-remote --tls-cert C --tls-key K`) reached with its bearer
+    token, over HTTPS. It never names a path there: a job's rasters go up with `upload` and the job names the
+    uploads (`submit(input_upload=...)`); its results come back with `fetch` / `download`, checked against their
+    SHA-256. `shutdown` only disconnects: the service belongs to whoever started it.
+    """
+
+    remote = True
+    lost_contact_s = 60.0  # a network hiccup is not a dead service
+    min_poll_s = 0.25  # each poll crosses the network
+
+    def __init__(self, url: str, token: str, *, ca_file: Optional[PathLike] = None,
+                 token_source: Optional[str] = None, request_timeout: float = REMOTE_TIMEOUT_S) -> None:
+        problem = remote_url_problem(url)
+        if problem:
+            raise BackendError(f"{problem} ({REMOTE_SETTINGS})")
+        parsed = urllib.parse.urlsplit(url.strip())
+        super().__init__(parsed.port or (443 if parsed.scheme == "https" else 80), token,
+                         request_timeout=request_timeout)
+        self.base_url = f"{parsed.scheme}://{parsed.netloc}{parsed.path.rstrip('/')}"
+        self.host = str(parsed.hostname)
+        self.token_source = token_source  # where the token came from, for the message when it is refused
+        self.ca_file = Path(ca_file) if ca_file else None
+        self.max_upload_bytes: Optional[int] = None  # the service's --max-upload-mb, from /health
+        self.context: Optional[ssl.SSLContext] = None
+        # No proxies, as for the local service and the command line: an office server is reached directly.
+        handlers: List[Any] = [urllib.request.ProxyHandler({})]
+        if parsed.scheme == "https":
+            self.context = _ssl_context(self.ca_file)
+            handlers.append(urllib.request.HTTPSHandler(context=self.context))
+        self._opener = urllib.request.build_opener(*handlers)
+
+    @classmethod
+    def from_token_file(cls, url: str, token_file: PathLike, *, ca_file: Optional[PathLike] = None,
+                        request_timeout: float = REMOTE_TIMEOUT_S) -> RemoteBackendClient:
+        return cls(url, read_token_file(token_file), ca_file=ca_file, token_source=str(token_file),
+                   request_timeout=request_timeout)
+
+    def __repr__(self) -> str:
+        return f"RemoteBackendClient({self.base_url})"
+
+    # -- API ---------------------------------------------------------------------------------------------------
+    def health(self) -> Dict[str, Any]:
+        """The service's /health (version, device, GPU name, upload limit), with ``remote_url`` added."""
+        health = self._request("GET", "/health")
+        if not isinstance(health, dict) or health.get("service") != "idgbr":
+            raise BackendError(f"{self.base_url} answers, but it is not an IDGBR backend: check the host and port "
+                               f"of 'idgbr serve' in the URL ({REMOTE_SETTINGS})")
+        limit = health.get("max_upload_bytes")
+        self.max_upload_bytes = limit if isinstance(limit, int) and limit > 0 else None
+        return {**health, "remote_url": self.base_url}
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        """Disconnect; the remote service keeps running for its other users."""
+
+    def upload(self, path: PathLike, name: str, *, on_progress: Optional[Transferred] = None,
+               is_cancelled: Optional[Callable[[], bool]] = None) -> str:
+        """Upload the file PATH under NAME (announced with its size and SHA-256, then streamed piece by piece);
+        returns its upload id. IS_CANCELLED is checked between pieces (JobCancelled, and the upload is dropped)."""
+        file = Path(path)
+        digest, size = _file_sha256(file, is_cancelled)
+        created = self._request("POST", "/uploads", {"size": size, "sha256": digest, "name": name})
+        upload_id = str(created["id"])
+        try:
+            self._put(upload_id, file, size, on_progress, is_cancelled)
+        except BaseException:
+            self.delete_upload(upload_id)
+            raise
+        return upload_id
+
+    def _put(self, upload_id: str, file: Path, size: int, on_progress: Optional[Transferred],
+             is_cancelled: Optional[Callable[[], bool]]) -> None:
+        def pieces() -> Iterator[bytes]:
+            sent = 0
+            try:
+                handle = open(file, "rb")  # noqa: SIM115 - closed below; a generator cannot use `with` across yields
+            except OSError as exc:
+                raise BackendError(f"cannot read {file} ({exc.strerror or exc}): check that it still exists") from exc
+            try:
+                while sent < size:
+                    if is_cancelled is not None and is_cancelled():
+                        raise JobCancelled("cancelled while uploading; nothing was written")
+                    try:
+                        block = handle.read(min(CHUNK, size - sent))
+                    except OSError as exc:
+                        raise BackendError(f"cannot read {file} ({exc.strerror or exc})") from exc
+                    if not block:
+                        raise BackendError(f"{file} became shorter while it was uploaded: wait until nothing writes "
+                                           "to it, then run again")
+                    sent += len(block)
+                    yield block
+                    if on_progress is not None:
+                        on_progress(sent, size)
+            finally:
+                handle.close()
+
+        request = urllib.request.Request(self.base_url + f"/uploads/{_quote(upload_id)}", data=pieces(), method="PUT",
+                                         headers={"Authorization": f"Bearer {self._token}",
+                                                  "Accept": "application/json",
+                                                  "Content-Type": "application/octet-stream",
+                                                  "Content-Length": str(size)})
+        try:
+            with self._opener.open(request, timeout=TRANSFER_TIMEOUT_S) as response:
+                response.read()
+        except urllib.error.HTTPError as exc:
+            raise self._http_error("PUT", "/uploads", exc) from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            raise self._gone(exc) from None
+
+    def delete_upload(self, upload_id: str) -> None:
+        """Drop an upload no job took (the service also drops them after an hour)."""
+        with contextlib.suppress(BackendError):
+            self._request("DELETE", f"/uploads/{_quote(upload_id)}", timeout=10.0)
+
+    def forget_job(self, job_id: str) -> None:
+        """Cancel the job if it still runs and delete its files on the service; errors are ignored (the service
+        deletes them when it stops)."""
+        with contextlib.suppress(BackendError):
+            self._request("DELETE", f"/jobs/{_quote(job_id)}", timeout=10.0)
+
+    def fetch(self, job_id: str, name: str, target: PathLike, *, size: Optional[int] = None,
+              sha256: Optional[str] = None, on_progress: Optional[Transferred] = None,
+              is_cancelled: Optional[Callable[[], bool]] = None) -> Path:
+        """Stream the result NAME of a job on uploads into a new temporary file beside TARGET
+        (".<target name>.<pid>-<random>.part"), checked against SIZE and SHA256 (from the job's ``result.files``;
+        else the response's length and checksum header), and return that file: the caller moves it into place
+        (`download` does). Nothing is left behind on failure."""
+        final = Path(target)
+        path = f"/jobs/{_quote(job_id)}/files/{_quote(name)}"
+        request = urllib.request.Request(self.base_url + path, method="GET", headers={
+            "Authorization": f"Bearer {self._token}", "Accept": "application/octet-stream"})
+        try:
+            response = self._opener.open(request, timeout=TRANSFER_TIMEOUT_S)
+        except urllib.error.HTTPError as exc:
+            raise self._http_error("GET", path, exc) from None
+        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+            raise self._gone(exc) from None
+        temp = final.with_name(f".{final.name}.{os.getpid()}-{secrets.token_hex(4)}.part")
+        expected = str(sha256 or response.headers.get(CHECKSUM_HEADER) or "").lower()
+        total = int(size) if size is not None else int(response.headers.get("Content-Length") or -1)
+        digest = hashlib.sha256()
+        done = 0
+        try:
+            with response:
+                try:
+                    handle = open(temp, "xb")  # noqa: SIM115 - closed in the finally below
+                except OSError as exc:
+                    raise self._write_error(final, exc) from exc
+                try:
+                    while True:
+                        if is_cancelled is not None and is_cancelled():
+                            raise JobCancelled("cancelled while downloading; nothing was written")
+                        try:
+                            block = response.read(CHUNK)
+                        except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+                            raise self._gone(exc) from None
+                        if not block:
+                            break
+                        try:
+                            handle.write(block)
+                        except OSError as exc:
+                            raise self._write_error(final, exc) from exc
+                        digest.update(block)
+                        done += len(block)
+                        if on_progress is not None:
+                            on_progress(done, total)
+                finally:
+                    handle.close()
+            if done != total or not expected or digest.hexdigest() != expected:
+                raise BackendError(f"the download of {name} from the backend at {self.base_url} arrived damaged "
+                                   f"({done} of {total} bytes, checksum mismatch): run again")
+        except BaseException:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise
+        return temp
+
+    def download(self, job_id: str, name: str, target: PathLike, **options: Any) -> Path:
+        """`fetch` into TARGET: the checked file replaces it in one step (os.replace), or nothing changes."""
+        temp = self.fetch(job_id, name, target, **options)
+        try:
+            os.replace(temp, target)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise BackendError(f"cannot put the result in place at {target} ({exc.strerror or exc}): close it in "
+                               "other programs and check that the folder is writable") from exc
+        return Path(target)
+
+    # -- errors ------------------------------------------------------------------------------------------------
+    def _write_error(self, target: Path, exc: OSError) -> BackendError:
+        return BackendError(f"cannot write the result beside {target} ({exc.strerror or exc}): check that the "
+                            "folder exists, is writable and has free space; nothing was written")
+
+    def _unreadable(self, method: str, path: str, exc: Exception) -> BackendError:
+        return BackendError(f"{self.base_url} answered {method} {path} with something that is not JSON ({exc}): "
+                            f"check that the URL is an 'idgbr serve' ({REMOTE_SETTINGS})")
+
+    def _http_error(self, method: str, path: str, exc: urllib.error.HTTPError) -> BackendError:
+        error = super()._http_error(method, path, exc)
+        if error.status == 401:
+            source = f" from {self.token_source}" if self.token_source else ""
+            return BackendError(
+                f"the backend at {self.base_url} refused the token{source} (HTTP 401): copy the service's current "
+                "token file (the file its --token-file names; a service started without --token-file makes a new "
+                f"token at each start) to this computer and choose it in {REMOTE_SETTINGS}", status=401,
+                code=error.code)
+        return error
+
+    def _gone(self, exc: BaseException) -> ServiceGone:
+        return RemoteUnreachable(self._transport_message(exc))
+
+    def _transport_message(self, exc: BaseException) -> str:
+        """What a failed connection means, and what to change."""
+        reason: BaseException = exc
+        if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+            reason = exc.reason
+        url = self.base_url
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            text = reason.verify_message or str(reason)
+            if reason.verify_code in _NAME_MISMATCH_CODES or "mismatch" in text.lower():
+                return (f"the certificate of the backend at {url} is not valid for {self.host} ({text}): use the host "
+                        "name or address the certificate names in the URL, or make the service a certificate for "
+                        f"{self.host} (user guide, 'Remote backend')")
+            if self.ca_file is None:
+                fix = ("if the service uses a self-signed certificate, choose a copy of it (its --tls-cert file) as "
+                       f"the CA certificate in {REMOTE_SETTINGS}")
+            else:
+                fix = (f"the CA certificate {self.ca_file} did not sign it: choose the service's own certificate "
+                       f"(its --tls-cert file) or the CA certificate that signed it in {REMOTE_SETTINGS}")
+            return f"the certificate of the backend at {url} is not trusted ({text}): {fix}"
+        if isinstance(reason, ssl.SSLError):
+            return (f"the TLS connection to the backend at {url} failed ({reason.reason or reason}): check that the "
+                    "service was started with --tls-cert and --tls-key (for a service without TLS, use an http:// "
+                    "URL)")
+        if isinstance(reason, socket.gaierror):
+            return (f"cannot reach the backend at {url}: the host name {self.host} is unknown "
+                    f"({reason.strerror or reason}); check the host in the URL ({REMOTE_SETTINGS})")
+        if isinstance(reason, ConnectionRefusedError):
+            return (f"cannot reach the backend at {url}: the connection was refused; check that 'idgbr serve' runs "
+                    f"there on port {self.port}, and the host and port in the URL ({REMOTE_SETTINGS})")
+        if isinstance(reason, (socket.timeout, TimeoutError)):
+            return (f"the backend at {url} did not answer in time: check the host and port in the URL "
+                    f"({REMOTE_SETTINGS}), the network and firewalls")
+        if isinstance(reason, http.client.HTTPException) and not isinstance(reason, http.client.RemoteDisconnected):
+            return (f"the backend at {url} did not answer in HTTP ({reason!r}): check the scheme (https://) and the "
+                    f"port in the URL ({REMOTE_SETTINGS})")
+        if self.context is None and isinstance(reason, (http.client.RemoteDisconnected, ConnectionResetError)):
+            return (f"the backend at {url} closed the connection without an answer: if the service uses TLS (it was "
+                    f"started with --tls-cert), use an https:// URL ({REMOTE_SETTINGS}); otherwise check the network "
+                    "and that the service still runs")
+        return (f"the connection to the backend at {url} broke ({_reason(reason)}): check the network and that the "
+                "service still runs")
+
+
+def _file_sha256(path: Path, is_cancelled: Optional[Callable[[], bool]] = None) -> Tuple[str, int]:
+    """(hex SHA-256, size) of a file, read in pieces."""
+    digest = hashlib.sha256()
+    size = 0
+    try:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(CHUNK), b""):
+                if is_cancelled is not None and is_cancelled():
+                    raise JobCancelled("cancelled before the upload; nothing was written")
+                digest.update(block)
+                size += len(block)
+    except OSError as exc:
+        raise BackendError(f"cannot read {path} ({exc.strerror or exc}): check that it exists and is readable") \
+            from exc
+    return digest.hexdigest(), size
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -591,5 +959,6 @@ class _StartLock:
             self._held = False
 
 
-__all__: Sequence[str] = ("BackendClient", "BackendError", "JobCancelled", "JobFailed", "ServiceGone",
-                          "default_state_dir", "READY_PREFIX")
+__all__: Sequence[str] = ("BackendClient", "BackendError", "JobCancelled", "JobFailed", "RemoteBackendClient",
+                          "RemoteUnreachable", "ServiceGone", "default_state_dir", "read_token_file",
+                          "remote_url_problem", "READY_PREFIX")

@@ -2,7 +2,9 @@
 
 The manager finds the backend interpreter, starts or connects to `idgbr serve` through
 `backend_client`, hands the client to the toolbox algorithms and the dock, and stops the service on
-unload when this QGIS session started it. Thread-safe: Processing runs algorithms in worker threads.
+unload when this QGIS session started it. While "Use a remote backend" is ticked in the settings it hands
+out a client of that service instead (`remote_config`), and starts nothing. Thread-safe: Processing runs
+algorithms in worker threads.
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ from .i18n import tr
 from .setup_env import is_complete
 
 if TYPE_CHECKING:
-    from .backend_client import BackendClient
+    from .backend_client import BackendClient, RemoteBackendClient
+    from .remote_config import RemoteSettings
 
 SETTINGS_PYTHON = "idgbr/python"
 ENV_PYTHON = "IDGBR_PYTHON"
@@ -34,6 +37,11 @@ _WINDOWS = sys.platform.startswith("win")
 
 class BackendUnavailable(Exception):
     """No usable backend interpreter or service; the message says what to do."""
+
+
+class RemoteUnavailable(Exception):
+    """The remote backend in the settings cannot be used (address, token, certificate, network); the message
+    says what to change. Not a reason to set up a local backend."""
 
 
 def venv_python(venv: Path) -> Path:
@@ -139,8 +147,10 @@ class BackendManager:
         self._timeout = timeout
         self._locate = locate
         self._lock = threading.RLock()
-        self._client: Optional[BackendClient] = None
+        self._client: Optional[BackendClient] = None  # the local service
         self._python: Optional[Path] = None
+        self._remote: Optional[RemoteBackendClient] = None
+        self._remote_key: Optional[tuple] = None  # the settings it was made with
         self._atexit_registered = False
 
     @classmethod
@@ -172,16 +182,21 @@ class BackendManager:
     def is_connected(self) -> bool:
         """Whether a client exists (it may have died since; `client()` checks)."""
         with self._lock:
-            return self._client is not None
+            return self._client is not None or self._remote is not None
 
     def client(self) -> BackendClient:
-        """A live client: the current one when the service answers, else a fresh start or connection.
+        """A live client: the current one when the service answers, else a fresh start or connection; the
+        remote backend's while it is enabled in the settings.
 
-        Raises BackendUnavailable (no interpreter) or the client's BackendError (start failed), both with
-        a message that names the fix.
+        Raises BackendUnavailable (no interpreter), the client's BackendError (start failed) or
+        RemoteUnavailable (the remote backend cannot be used), each with a message that names the fix.
         """
         from .backend_client import BackendClient, BackendError
+        from .remote_config import RemoteSettings
 
+        remote = RemoteSettings.load()
+        if remote.enabled:
+            return self._remote_client(remote)
         with self._lock:
             if self._client is not None:
                 try:
@@ -201,11 +216,36 @@ class BackendManager:
                 self._atexit_registered = True
             return self._client
 
+    def _remote_client(self, settings: RemoteSettings) -> RemoteBackendClient:
+        """The remote backend's client, checked with /health; a new one when the settings (or the token in the
+        token file) changed or the old one stopped answering."""
+        from .backend_client import BackendError
+
+        with self._lock:
+            try:
+                settings.check_url()
+                key = settings.key(settings.token())
+                if self._remote is not None and self._remote_key == key:
+                    try:
+                        self._remote.health()
+                        return self._remote
+                    except BackendError:
+                        self._remote = None  # try once more with a fresh connection below
+                client = settings.client()
+                client.health()
+            except BackendError as exc:
+                self._remote = self._remote_key = None
+                raise RemoteUnavailable(tr("The remote IDGBR backend cannot be used: {reason}").format(
+                    reason=exc)) from exc
+            self._remote, self._remote_key = client, key
+            return client
+
     def forget(self) -> None:
         """Drop the connection without stopping the service (after a settings change: next use reconnects)."""
         with self._lock:
             self._client = None
             self._python = None
+            self._remote = self._remote_key = None
 
     def shutdown(self) -> None:
         """Stop the service when this session started it; one started elsewhere (another QGIS, a user's
@@ -215,6 +255,7 @@ class BackendManager:
         with self._lock:
             client, self._client = self._client, None
             self._python = None
+            self._remote = self._remote_key = None  # a remote service is only disconnected
         if client is None or client.process is None:
             return
         with contextlib.suppress(BackendError):  # already gone: nothing left to stop

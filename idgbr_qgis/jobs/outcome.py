@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from ..backend_client import ServiceGone
-from ..backend_process import BackendUnavailable
+from ..backend_client import RemoteUnreachable, ServiceGone
+from ..backend_process import BackendUnavailable, RemoteUnavailable
 from ..i18n import tr
 
 
@@ -49,6 +49,9 @@ class JobResult:
 def backend_failure(exc: Exception) -> JobError:
     """A JobError for a failure of the backend client (BackendError and its kinds), keeping its parameter."""
     message = str(getattr(exc, "message", "") or exc)
+    if isinstance(exc, RemoteUnreachable):
+        return JobError(tr("Lost contact with the remote IDGBR backend during the run: {reason}").format(
+            reason=message))
     if isinstance(exc, ServiceGone):
         return JobError(tr("The IDGBR backend stopped during the run: {reason}").format(reason=message))
     parameter = getattr(exc, "parameter", None)
@@ -56,7 +59,10 @@ def backend_failure(exc: Exception) -> JobError:
 
 
 def connection_failure(exc: Exception) -> JobError:
-    """A JobError for a backend that cannot be found (BackendUnavailable) or started (BackendError)."""
+    """A JobError for a backend that cannot be found (BackendUnavailable) or started (BackendError), or a remote
+    backend that cannot be used (RemoteUnavailable: its settings are the fix, not the setup)."""
+    if isinstance(exc, RemoteUnavailable):
+        return JobError(str(exc))
     if isinstance(exc, BackendUnavailable):
         text = tr("The IDGBR backend is not available: {reason}")
     else:

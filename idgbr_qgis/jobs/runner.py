@@ -2,7 +2,9 @@
 
 `JobRunner.run` works in a worker thread (a Processing algorithm's, or a QgsTask's): it connects to the
 service, makes the layers readable (`jobs.inputs`), runs the coarse pass when the coarse map is kept, the
-job itself and the changed pixels, and removes what a failed or cancelled run wrote.
+job itself and the changed pixels, and removes what a failed or cancelled run wrote. With a remote backend
+(Settings ▸ Remote backend) each backend job goes through `jobs.remote`, which sends the files up and brings the
+results back to the same paths; everything else here is the same.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Mapping, Optional
+from urllib.parse import urlsplit
 
 from ..backend_client import BackendError
 from ..backend_client import JobCancelled as BackendCancelled
-from ..backend_process import BackendUnavailable
+from ..backend_process import BackendUnavailable, RemoteUnavailable
 from ..i18n import tr
-from . import inputs
+from . import inputs, remote
 from .changes import write_changes
 from .outcome import JobCancelled, JobError, JobResult, backend_failure, connection_failure, job_classes
 from .spec import DEFAULT_PIXEL_SIZE_M, JobSpec
@@ -131,13 +134,13 @@ class JobRunner:
             changes=spec.changes,
             classes=job_classes(status, card),
             notes=[str(note) for note in result.get("notes") or []],
-            device=str(result.get("device") or ""),
+            device=_device(client, result),
         )
 
     def _client(self) -> Any:
         try:
             return self.manager.client()
-        except (BackendUnavailable, BackendError) as exc:
+        except (BackendUnavailable, RemoteUnavailable, BackendError) as exc:
             raise connection_failure(exc) from exc
 
     def _readable(self, spec: JobSpec, source: inputs.RasterSource, target: Path, copy_pixel: float,
@@ -148,12 +151,14 @@ class JobRunner:
                                margin=margin)
 
     def _job(self, client: Any, fields: Dict[str, Any], low: float, high: float) -> Dict[str, Any]:
-        job_id = client.submit(**fields)
-
         def progress(percent: float, message: str = "") -> None:
             share = max(0.0, min(100.0, float(percent))) / 100.0
             self.on_progress(low + (high - low) * share, message)
 
+        if getattr(client, "remote", False):
+            # The same job, its files uploaded and its results downloaded to the paths in ``fields``.
+            return remote.run_job(client, fields, progress, self.is_cancelled)
+        job_id = client.submit(**fields)
         status = client.wait(job_id, on_progress=progress, is_cancelled=self.is_cancelled, poll=POLL_S)
         return status if isinstance(status, dict) else {}
 
@@ -172,6 +177,15 @@ class JobRunner:
             for file in leftovers:
                 with contextlib.suppress(OSError):
                     file.unlink()
+
+
+def _device(client: Any, result: Mapping[str, Any]) -> str:
+    """The device the job ran on; on a remote backend also where ("cuda at gpu-server:8443")."""
+    device = str(result.get("device") or "")
+    if device and getattr(client, "remote", False):
+        where = urlsplit(str(getattr(client, "base_url", ""))).netloc
+        return tr("{device} at {host}").format(device=device, host=where) if where else device
+    return device
 
 
 def model_card(client: Any, model: Optional[str]) -> Mapping[str, Any]:

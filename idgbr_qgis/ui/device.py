@@ -4,10 +4,22 @@ from __future__ import annotations
 
 import re
 from typing import Any, Dict, Tuple
+from urllib.parse import urlsplit
 
 
 def describe_device(health: Dict[str, Any]) -> Tuple[str, str]:
-    """(label, tooltip) for the device in `/health`: the GPU's name, or CPU and why."""
+    """(label, tooltip) for the device in `/health`: the GPU's name, or CPU and why; on a remote backend (its
+    client adds ``remote_url``) also which computer."""
+    label, tip = _local_device(health)
+    url = str(health.get("remote_url") or "")
+    if url:
+        host = urlsplit(url).netloc or url
+        version = f" (IDGBR {health['version']})" if health.get("version") else ""
+        return f"{label} at {host}", f"Remote backend {url}{version}. {tip}"
+    return label, tip
+
+
+def _local_device(health: Dict[str, Any]) -> Tuple[str, str]:
     torch_version = health.get("torch") or "?"
     device = str(health.get("device") or "cpu")
     name = health.get("device_name")

@@ -1,8 +1,10 @@
-"""IDGBR settings: backend interpreter, device, model, steps, results folder, and a "Test backend" button.
+"""IDGBR settings: backend interpreter, device, model, steps, results folder, and a "Test backend" button;
+the remote backend (URL, token, CA certificate) with its own "Test".
 
 "Test backend" starts a service with the interpreter in the field (its own, in a temporary state folder,
 stopped afterwards) and shows its torch version, device and GPU name, without touching the session's
-service or the saved settings.
+service or the saved settings. The remote "Test" contacts the service with the values as typed, in a
+background task, and shows its version, device and GPU.
 """
 
 from __future__ import annotations
@@ -17,10 +19,12 @@ from qgis.core import QgsApplication, QgsSettings, QgsTask
 from qgis.gui import QgsDoubleSpinBox, QgsFileWidget, QgsSpinBox
 from qgis.PyQt.QtCore import Qt, pyqtSignal
 from qgis.PyQt.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QDialog,
     QDialogButtonBox,
     QFormLayout,
+    QGroupBox,
     QHBoxLayout,
     QLabel,
     QLineEdit,
@@ -29,10 +33,13 @@ from qgis.PyQt.QtWidgets import (
     QWidget,
 )
 
+from ..backend_client import BackendError
 from ..backend_process import ENV_PYTHON, SETTINGS_PYTHON, BackendManager, BackendUnavailable, find_python
 from ..i18n import tr
 from ..jobs.spec import precision_choices
+from ..remote_config import RemoteSettings, pasted_token_file, save_token
 from . import config
+from .device import describe_device
 
 OTHER_MODEL = "__other__"
 
@@ -42,6 +49,8 @@ class SettingsDialog(QDialog):
 
     #: (success, text) when a backend test ends
     testFinished = pyqtSignal(bool, str)
+    #: (success, text) when a remote backend test ends
+    remoteTestFinished = pyqtSignal(bool, str)
 
     def __init__(self, backend_manager: Any = None, parent: Optional[QWidget] = None) -> None:
         super().__init__(parent)
@@ -49,6 +58,7 @@ class SettingsDialog(QDialog):
         self.setMinimumWidth(640)
         self.manager = backend_manager
         self._test_task: Optional[QgsTask] = None
+        self._remote_task: Optional[QgsTask] = None
         self._alive = True
         self._build_ui()
         self._load()
@@ -145,6 +155,7 @@ class SettingsDialog(QDialog):
         self.testLabel.setWordWrap(True)
         self.testLabel.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout.addWidget(self.testLabel)
+        layout.addWidget(self._build_remote_group())
 
         self.buttons = QDialogButtonBox(QDialogButtonBox.Ok | QDialogButtonBox.Cancel, parent=self)
         self.buttons.accepted.connect(self.accept)
@@ -155,6 +166,57 @@ class SettingsDialog(QDialog):
         self.testButton.clicked.connect(self.test_backend)
         self.setupButton.clicked.connect(self.open_setup)
         self.pythonWidget.fileChanged.connect(lambda _p: self._show_python_source())
+
+    def _build_remote_group(self) -> QGroupBox:
+        group = QGroupBox(tr("Remote backend"), self)
+        box = QVBoxLayout(group)
+        self.remoteCheck = QCheckBox(tr("Use a remote backend"), group)
+        self.remoteCheck.setToolTip(tr("Run on an 'idgbr serve' on another computer, e.g. a GPU server: the toolbox "
+                                       "and the panel send their rasters there and get the results back, instead "
+                                       "of running the backend on this computer."))
+        box.addWidget(self.remoteCheck)
+        form = QFormLayout()
+        self.remoteUrlEdit = QLineEdit(group)
+        self.remoteUrlEdit.setPlaceholderText("https://gpu-server:8443")
+        self.remoteUrlEdit.setToolTip(tr("The address of the service: https://, its host name or address, and the "
+                                         "port it was started with (idgbr serve --port)."))
+        form.addRow(tr("URL"), self.remoteUrlEdit)
+        self.remoteTokenFile = QgsFileWidget(group)
+        self.remoteTokenFile.setStorageMode(QgsFileWidget.GetFile)
+        self.remoteTokenFile.setDialogTitle(tr("Copy of the service's token file"))
+        self.remoteTokenFile.setToolTip(tr("A copy of the file the service's --token-file names. Only this path is "
+                                           "saved in the settings, not the token."))
+        form.addRow(tr("Token file"), self.remoteTokenFile)
+        self.remoteTokenEdit = QLineEdit(group)
+        self.remoteTokenEdit.setEchoMode(QLineEdit.Password)
+        self.remoteTokenEdit.setPlaceholderText(tr("or paste the token here"))
+        self.remoteTokenEdit.setToolTip(tr("A pasted token is saved to {file}, readable only by you, and that file "
+                                           "is used as the token file. Choosing a copy of the token file is "
+                                           "safer: the token never passes the clipboard.").format(
+            file=pasted_token_file()))
+        form.addRow(tr("Token"), self.remoteTokenEdit)
+        self.remoteCaFile = QgsFileWidget(group)
+        self.remoteCaFile.setStorageMode(QgsFileWidget.GetFile)
+        self.remoteCaFile.setFilter(tr("Certificates (*.crt *.pem *.cer);;All files (*)"))
+        self.remoteCaFile.setDialogTitle(tr("The service's certificate"))
+        self.remoteCaFile.setToolTip(tr("Optional: for a self-signed certificate, a copy of the service's "
+                                        "--tls-cert file (or the CA certificate that signed it). Empty: the "
+                                        "certificates this computer trusts."))
+        form.addRow(tr("CA certificate (optional)"), self.remoteCaFile)
+        box.addLayout(form)
+        row = QHBoxLayout()
+        self.remoteTestButton = QPushButton(tr("Test"), group)
+        self.remoteTestButton.setToolTip(tr("Contact the remote backend with these values and report its version, "
+                                            "device and GPU."))
+        row.addWidget(self.remoteTestButton)
+        row.addStretch(1)
+        box.addLayout(row)
+        self.remoteTestLabel = QLabel("", group)
+        self.remoteTestLabel.setWordWrap(True)
+        self.remoteTestLabel.setTextInteractionFlags(Qt.TextSelectableByMouse)
+        box.addWidget(self.remoteTestLabel)
+        self.remoteTestButton.clicked.connect(self.test_remote)
+        return group
 
     def _load(self) -> None:
         settings = config.UserSettings.load()
@@ -171,6 +233,12 @@ class SettingsDialog(QDialog):
         self.pixelSizeSpin.setValue(settings.pixel_size)
         self.outputWidget.setFilePath(settings.output_dir)
         self.indexEdit.setText(settings.index_url)
+        remote = RemoteSettings.load(QgsSettings())
+        self.remoteCheck.setChecked(remote.enabled)
+        self.remoteUrlEdit.setText(remote.url)
+        self.remoteTokenFile.setFilePath(remote.token_file)
+        self.remoteTokenEdit.clear()
+        self.remoteCaFile.setFilePath(remote.ca_file)
         self._update_enabled()
         self._show_python_source()
 
@@ -200,8 +268,22 @@ class SettingsDialog(QDialog):
         data = self.modelCombo.currentData()
         return self.modelFile.filePath().strip() if data == OTHER_MODEL else str(data)
 
+    def remote_settings(self) -> RemoteSettings:
+        """The remote backend as entered (a pasted token is not part of it: see `remote_token`)."""
+        return RemoteSettings(enabled=self.remoteCheck.isChecked(), url=self.remoteUrlEdit.text().strip(),
+                              token_file=self.remoteTokenFile.filePath().strip(),
+                              ca_file=self.remoteCaFile.filePath().strip())
+
+    def remote_token(self) -> str:
+        return self.remoteTokenEdit.text().strip()
+
     def validate(self) -> Optional[str]:
         """Why the values cannot be saved, or None."""
+        remote = self.remote_settings()
+        if remote.enabled:
+            problem = remote.problem(self.remote_token())
+            if problem:
+                return problem
         python = self.python_path()
         if python and not Path(python).is_file():
             return tr("The backend Python {python} does not exist: choose the python executable, or leave it "
@@ -218,6 +300,7 @@ class SettingsDialog(QDialog):
 
     def save(self) -> None:
         settings = QgsSettings()
+        self._save_remote(settings)  # first: writing a pasted token is the one step that may fail
         old_python = str(settings.value(SETTINGS_PYTHON, "") or "")
         python = self.python_path()
         if python:
@@ -236,12 +319,29 @@ class SettingsDialog(QDialog):
         if python != old_python and self.manager is not None:
             self.manager.forget()  # the next job starts the service with the new interpreter
 
+    def _save_remote(self, settings: QgsSettings) -> None:
+        """Store the remote backend; a pasted token goes to a private file, whose path is stored instead."""
+        remote = self.remote_settings()
+        token = self.remote_token()
+        if token:
+            remote.token_file = str(save_token(token))
+            self.remoteTokenFile.setFilePath(remote.token_file)
+            self.remoteTokenEdit.clear()
+        remote.save(settings)
+        # The session's manager compares the settings on each run and reconnects when they changed.
+
     def accept(self) -> None:
         problem = self.validate()
         if problem:
             self.testLabel.setText(problem)
             return
-        self.save()
+        try:
+            self.save()
+        except OSError as exc:  # only the pasted token's file is written here
+            self.testLabel.setText(tr("Cannot save the token to {file} ({reason}): choose a copy of the service's "
+                                      "token file instead.").format(file=pasted_token_file(),
+                                                                    reason=exc.strerror or exc))
+            return
         self._stop()
         super().accept()
 
@@ -251,8 +351,9 @@ class SettingsDialog(QDialog):
 
     def _stop(self) -> None:
         self._alive = False
-        if self._test_task is not None:
-            self._test_task.cancel()
+        for task in (self._test_task, self._remote_task):
+            if task is not None:
+                task.cancel()
 
     # ---------------------------------------------------------------------------------------------- test
     def test_backend(self) -> None:
@@ -290,6 +391,42 @@ class SettingsDialog(QDialog):
         self.testLabel.setText(text)
         self.testFinished.emit(True, text)
 
+    def test_remote(self) -> None:
+        """Contact the remote backend as entered (not saved) in a background task; report version, device, GPU."""
+        if self._remote_task is not None:
+            return
+        remote = self.remote_settings()
+        problem = remote.problem(self.remote_token())
+        if problem:
+            self._remote_done(None, None, problem)
+            return
+        try:
+            client = remote.client(self.remote_token() or None)
+        except BackendError as exc:  # a CA file that is no certificate, a token file without a token
+            self._remote_done(exc, None)
+            return
+        self.remoteTestButton.setEnabled(False)
+        self.remoteTestLabel.setText(tr("Contacting {url}…").format(url=client.base_url))
+        task = QgsTask.fromFunction(tr("IDGBR: testing the remote backend"), _test_remote, client,
+                                    on_finished=self._remote_done)
+        self._remote_task = task
+        QgsApplication.taskManager().addTask(task)
+
+    def _remote_done(self, exception: Optional[BaseException], result: Optional[Dict[str, Any]] = None,
+                     problem: Optional[str] = None) -> None:
+        self._remote_task = None
+        if not self._alive:
+            return
+        self.remoteTestButton.setEnabled(True)
+        if exception is not None or problem is not None:
+            text = tr("Test failed: {reason}").format(reason=problem or exception)
+            self.remoteTestLabel.setText(text)
+            self.remoteTestFinished.emit(False, text)
+            return
+        text = describe_remote_health(result or {})
+        self.remoteTestLabel.setText(text)
+        self.remoteTestFinished.emit(True, text)
+
     def open_setup(self) -> None:
         from .setup_dialog import SetupDialog
 
@@ -318,6 +455,28 @@ def describe_health(health: Dict[str, Any]) -> str:
     if health.get("python"):
         lines.append(tr("Python: {python}").format(python=health["python"]))
     return "\n".join(lines)
+
+
+def describe_remote_health(health: Dict[str, Any]) -> str:
+    """A remote backend's version, address, device and GPU from its `/health` (the panel's device words)."""
+    url = str(health.get("remote_url") or "")
+    label, _tip = describe_device({key: value for key, value in health.items() if key != "remote_url"})
+    device = str(health.get("device") or "cpu")
+    lines = [
+        tr("Remote backend OK: IDGBR {version} at {url}.").format(version=health.get("version") or "?", url=url),
+        label,
+        tr("GPU: {name}").format(name=health.get("device_name") or ("—" if device == "cpu" else device)),
+        f"torch {health.get('torch') or '?'}" + (f" (CUDA {health['torch_cuda']})" if health.get("torch_cuda") else ""),
+    ]
+    if url.startswith("http://"):
+        lines.append(tr("Warning: plain HTTP: the token and your rasters cross the network unencrypted. Start the "
+                        "service with --tls-cert and --tls-key and use https://."))
+    return "\n".join(lines)
+
+
+def _test_remote(task: QgsTask, client: Any) -> Dict[str, Any]:
+    """Worker thread: the remote service's /health (a BackendError says what to change)."""
+    return client.health()
 
 
 def _test(task: QgsTask, python: Path, session: Any) -> Dict[str, Any]:

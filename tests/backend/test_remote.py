@@ -4,9 +4,7 @@ left behind on either side."""
 
 from __future__ import annotations
 
-import datetime
 import hashlib
-import ipaddress
 import os
 import queue
 import socket
@@ -17,7 +15,7 @@ import threading
 import time
 import types
 from pathlib import Path
-from typing import Any, Dict, Iterator, List
+from typing import Any, Callable, Dict, Iterator, List
 
 import httpx
 import numpy as np
@@ -34,41 +32,9 @@ pytestmark = pytest.mark.timeout(300)
 # ----------------------------------------------------------------------------------------------------------------
 # Certificates and services
 # ----------------------------------------------------------------------------------------------------------------
-def make_certificate(folder: Path, name: str = "server") -> types.SimpleNamespace:
-    """A self-signed certificate for 127.0.0.1 and its key (PEM), with `cryptography` or else the openssl command."""
-    cert, key = folder / f"{name}.crt", folder / f"{name}.key"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-                        "-keyout", str(key), "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1",
-                        "-addext", "subjectAltName=IP:127.0.0.1"], check=True, capture_output=True)
-        return types.SimpleNamespace(cert=cert, key=key)
-    private = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    certificate = (
-        x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(private.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                       critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(private.public_key()), critical=False)
-        .sign(private, hashes.SHA256()))
-    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    key.write_bytes(private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                          serialization.NoEncryption()))
-    key.chmod(0o600)
-    return types.SimpleNamespace(cert=cert, key=key)
-
-
 @pytest.fixture(scope="module")
-def tls(tmp_path_factory: pytest.TempPathFactory) -> types.SimpleNamespace:
-    return make_certificate(tmp_path_factory.mktemp("tls"))
+def tls(tmp_path_factory: pytest.TempPathFactory, certificate_maker: Callable) -> types.SimpleNamespace:
+    return certificate_maker(tmp_path_factory.mktemp("tls"))
 
 
 class RemoteService:
@@ -411,8 +377,8 @@ def test_remote_bind_without_tls_is_refused(tmp_path: Path, capsys: pytest.Captu
 
 
 def test_bad_certificate_files_are_named(tmp_path: Path, tls: types.SimpleNamespace,
-                                         capsys: pytest.CaptureFixture) -> None:
-    other = make_certificate(tmp_path, "other")
+                                         capsys: pytest.CaptureFixture, certificate_maker: Callable) -> None:
+    other = certificate_maker(tmp_path, "other")
     text = tmp_path / "notes.txt"
     text.write_text("not a certificate\n")
     missing = tmp_path / "missing.pem"

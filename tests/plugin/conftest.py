@@ -8,16 +8,26 @@ QGIS starts before any conftest is read, so `QT_QPA_PLATFORM=offscreen` must alr
 - ``idgbr_provider``: the plugin's Processing provider registered (Processing initialised);
 - ``idgbr_backend``: one backend service for the whole session, with its own temporary IDGBR_STATE_DIR,
   installed as the session's BackendManager and shut down at the end. Skips when the bundled model is absent;
-- ``load_raster``: a raster layer from a path, checked valid.
+- ``load_raster``: a raster layer from a path, checked valid;
+- ``remote_service``: a real `idgbr serve` over HTTPS with a self-signed certificate for 127.0.0.1 (the remote
+  backend of the tests), and ``remote_settings``: a function that sets the plugin's remote backend settings,
+  restored after the test.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import shutil
+import ssl
+import subprocess
 import sys
+import threading
+import types
+import urllib.request
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, List, Optional
 
 import pytest
 
@@ -112,3 +122,96 @@ def load_raster() -> Callable[..., QgsRasterLayer]:
         return layer
 
     return load
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A remote backend: `idgbr serve` over HTTPS on 127.0.0.1 (as tests/backend/test_remote.py starts it)
+# ----------------------------------------------------------------------------------------------------------------
+READY = "IDGBR READY port="
+# Variables of QGIS's own Python and GDAL, which would break the backend's (see backend_client._FOREIGN_ENV).
+FOREIGN_ENV = ("PYTHONHOME", "PYTHONPATH", "PYTHONSTARTUP", "PYTHONEXECUTABLE", "GDAL_DATA", "GDAL_DRIVER_PATH",
+               "PROJ_LIB", "PROJ_DATA")
+
+
+class RemoteService:
+    """An HTTPS `python -m idgbr serve` child process with its token file, certificate and scratch folder."""
+
+    def __init__(self, folder: Path, python: Path, tls: types.SimpleNamespace) -> None:
+        self.ca = tls.cert
+        self.token_file = folder / "token"
+        self.scratch = folder / "scratch"
+        self.log = folder / "serve.log"
+        env = {k: v for k, v in os.environ.items() if k.upper() not in FOREIGN_ENV}
+        env.update({"IDGBR_STATE_DIR": str(folder / "state"), "PYTHONUNBUFFERED": "1"})
+        with open(self.log, "wb") as err:
+            self.process = subprocess.Popen(
+                [str(python), "-m", "idgbr", "serve", "--port", "0", "--token-file", str(self.token_file),
+                 "--tls-cert", str(tls.cert), "--tls-key", str(tls.key), "--scratch-dir", str(self.scratch)],
+                stdout=subprocess.PIPE, stderr=err, stdin=subprocess.DEVNULL, env=env, cwd=str(folder))
+        lines: queue.Queue[str] = queue.Queue()
+        stdout = self.process.stdout
+        assert stdout is not None
+        threading.Thread(target=lambda: lines.put(stdout.readline().decode()), daemon=True).start()
+        try:
+            ready = lines.get(timeout=180).strip()
+        except queue.Empty:
+            self.process.kill()
+            raise AssertionError(f"no ready line; log: {self.log.read_text()}") from None
+        assert ready.startswith(READY), f"{ready!r}; log: {self.log.read_text()}"
+        self.port = int(ready[len(READY):].split()[0])
+        self.url = f"https://127.0.0.1:{self.port}"
+        self.token = self.token_file.read_text().strip()
+
+    def files(self) -> List[Path]:
+        """Every file in the service's scratch folder (uploads, job folders)."""
+        return sorted(p for p in self.scratch.rglob("*") if p.is_file()) if self.scratch.exists() else []
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            request = urllib.request.Request(self.url + "/shutdown", data=b"", method="POST",
+                                             headers={"Authorization": f"Bearer {self.token}"})
+            context = ssl.create_default_context(cafile=str(self.ca))
+            try:
+                opener = urllib.request.build_opener(urllib.request.ProxyHandler({}),
+                                                     urllib.request.HTTPSHandler(context=context))
+                json.loads(opener.open(request, timeout=30).read() or b"{}")
+                self.process.wait(timeout=30)
+            except (OSError, ValueError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def remote_service(tmp_path_factory: pytest.TempPathFactory, bundled_model: Path,
+                   certificate_maker: Callable) -> Iterator[RemoteService]:
+    """A remote backend for the session: HTTPS on 127.0.0.1, self-signed certificate, token in a file."""
+    folder = tmp_path_factory.mktemp("remote_backend")
+    service = RemoteService(folder, development_python(), certificate_maker(folder))
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+@pytest.fixture
+def remote_settings() -> Iterator[Callable[..., None]]:
+    """set(enabled=True, url=..., token_file=..., ca_file=...): the plugin's remote backend settings, as the
+    settings dialog stores them; the previous values come back after the test."""
+    from qgis.core import QgsSettings
+
+    from idgbr_qgis.remote_config import KEYS, RemoteSettings
+
+    settings = QgsSettings()
+    saved = {key: settings.value(key, None) for key in KEYS}
+
+    def apply(enabled: bool = True, url: str = "", token_file: Optional[Path] = None,
+              ca_file: Optional[Path] = None) -> None:
+        RemoteSettings(enabled=enabled, url=url, token_file=str(token_file or ""),
+                       ca_file=str(ca_file or "")).save(settings)
+
+    yield apply
+    for key, value in saved.items():
+        if value is None:
+            settings.remove(key)
+        else:
+            settings.setValue(key, value)
