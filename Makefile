@@ -24,7 +24,7 @@ $(STAMP): backend/pyproject.toml Makefile
 	# --system-site-packages: PyQGIS is a Debian package of the system Python, not on PyPI.
 	test -x $(PY) || $(PY_SYS) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade "pip>=23"
-	$(PY) -m pip install -q -e "backend[test]"
+	$(PY) -m pip install -q -e "backend[test,distributed]"
 	touch $(STAMP)
 
 demo: install

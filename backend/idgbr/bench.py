@@ -110,14 +110,23 @@ def _peak_rss_bytes() -> int | None:
 
 
 def child_main(spec: dict) -> dict:
-    """Runs inside the child process: one pipeline run, then timing and peak memory."""
+    """Runs inside the child process: one pipeline run (on a local Dask cluster of ``spec["workers"]`` worker
+    processes when given, started before the clock runs), then timing and peak memory."""
+    import contextlib
+
     from .pipeline import RunOptions, run
 
     options = RunOptions(input=Path(spec["input"]), output=Path(spec["output"]), mode=spec["mode"],
                          model=spec.get("model"), steps=spec.get("steps"), device=spec.get("device", "auto"),
                          extent=tuple(spec["extent"]) if spec.get("extent") else None,
                          pixel_size=spec.get("pixel_size"), precision=spec.get("precision"))
-    result = run(options)
+    cluster = None
+    if spec.get("workers"):
+        from .distributed import Cluster
+
+        cluster = Cluster(workers=int(spec["workers"]))
+    with cluster if cluster is not None else contextlib.nullcontext():
+        result = run(options, cluster=cluster)
     Path(spec["output"]).unlink(missing_ok=True)
     Path(str(spec["output"]) + ".aux.xml").unlink(missing_ok=True)
     return {"seconds": result.seconds, "width": result.width, "height": result.height, "tiles": result.tiles,
@@ -268,7 +277,11 @@ def render_report(rows: list[dict], machine: dict, card: ModelCard, flops: tuple
               "- load: the machine's 1-minute load average when the run ended; above the number of cores, other "
               "work shared the CPU and the timing is pessimistic.",
               "- tiles refined: tiles whose coarse map has a class boundary go through the refiner; the others "
-              "keep their single class.", ""]
+              "keep their single class.",
+              "- on N Dask workers (`--workers LIST`): the same run split into parts of rows on a local Dask "
+              "cluster of N worker processes, each with the cores / N torch threads (`idgbr refine --workers N`); "
+              "the clock starts once the workers are up (their start and model loading inside the run). Peak RSS "
+              "is the writing process's only; each worker holds about one part.", ""]
     return "\n".join(lines)
 
 
@@ -298,6 +311,19 @@ def bench_precisions(text: str, device: str) -> list[str]:
     return list(dict.fromkeys(resolve_precision(name, where) for name in names))
 
 
+def bench_workers(text: str | None) -> list[int]:
+    """The worker counts of --workers ("1,2"); none without it."""
+    if not text:
+        return []
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise IdgbrError(f"--workers must be worker counts such as 1,2 (got {text!r}).") from None
+    if not counts or min(counts) < 1:
+        raise IdgbrError(f"--workers must be worker counts of at least 1, such as 1,2 (got {text!r}).")
+    return counts
+
+
 def run_bench(args: argparse.Namespace) -> int:
     data = Path(args.data)
     if not data.is_dir():
@@ -307,6 +333,7 @@ def run_bench(args: argparse.Namespace) -> int:
     seg_flops, full_flops, card = model_flops(args.model, args.steps)
     steps = args.steps or card.sampler.steps
     precisions = bench_precisions(args.precision, args.device)
+    worker_counts = bench_workers(args.workers)
     machine = machine_summary(args.device)
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="idgbr-bench-", dir=args.workdir) as tmp:
@@ -334,15 +361,19 @@ def run_bench(args: argparse.Namespace) -> int:
             plans.append(("large (full-width band)", large, "refine", band_extent, None))
             # All of it at 5 cm: the resampled coarse pass streams, so its peak RSS stays that of the mosaic's.
             plans.append((FINE_LABEL.format(where="large, whole raster"), large, "segment", None, FINE_PIXEL_M))
-        for label, raster, mode, extent, pixel_size in plans:
-            for precision in precisions:
-                say(f"running {mode} on {label} at {precision} ...")
-                spec = {**base, "label": label, "input": str(raster), "output": str(work / "out.tif"), "mode": mode,
-                        "extent": extent, "pixel_size": pixel_size, "precision": precision}
-                row = measure(spec)
-                rows.append(row)
-                say(f"  {row['width']} x {row['height']} px: {row['seconds']:.1f} s, peak RSS "
-                    f"{_gb(row['peak_rss'])} GB")
+        runs: list[tuple[str, Path, str, list[float] | None, float | None, str, int | None]] = [
+            (label, raster, mode, extent, pixel_size, precision, None)
+            for label, raster, mode, extent, pixel_size in plans for precision in precisions]
+        # Scaling: the mosaic's refine at the first precision on local Dask clusters of each size asked for.
+        runs += [(f"mosaic on {n} Dask worker{'s' if n != 1 else ''}", mosaic, "refine", None, None, precisions[0], n)
+                 for n in worker_counts]
+        for label, raster, mode, extent, pixel_size, precision, workers in runs:
+            say(f"running {mode} on {label} at {precision} ...")
+            spec = {**base, "label": label, "input": str(raster), "output": str(work / "out.tif"), "mode": mode,
+                    "extent": extent, "pixel_size": pixel_size, "precision": precision, "workers": workers}
+            row = measure(spec)
+            rows.append(row)
+            say(f"  {row['width']} x {row['height']} px: {row['seconds']:.1f} s, peak RSS {_gb(row['peak_rss'])} GB")
     settings = {"steps": steps, "device": rows[0]["device"] if rows else args.device,
                 "mosaic_size": args.mosaic_size, "large_size": args.large_size, "large_rows": args.large_rows}
     text = render_report(rows, machine, card, (seg_flops, full_flops), settings)
@@ -379,6 +410,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="rows of the full-width band refined on the large raster (default 1024)")
     parser.add_argument("--skip-large", action="store_true", help="only the mosaic")
     parser.add_argument("--small", action="store_true", help="allow a mosaic under 16 MP (quick wiring checks)")
+    parser.add_argument("--workers", metavar="LIST",
+                        help="also refine the mosaic on local Dask clusters of these sizes, e.g. 1,2: how the "
+                             "run scales with worker processes (needs pip install 'idgbr[distributed]')")
     parser.add_argument("--workdir", type=Path, help="folder for the temporary rasters (default: system temp)")
     parser.add_argument("-q", "--quiet", action="store_true")
     parser.set_defaults(func=run_bench)

@@ -23,7 +23,8 @@ from .limits import DEVICES
 log = logging.getLogger("idgbr")
 
 # Modules that add their own subcommands (ARCHITECTURE.md, "Command line").
-SUBCOMMAND_MODULES = ("idgbr.train", "idgbr.evaluate", "idgbr.checkpoint", "idgbr.service.app", "idgbr.bench")
+SUBCOMMAND_MODULES = ("idgbr.batch", "idgbr.train", "idgbr.evaluate", "idgbr.checkpoint", "idgbr.service.app",
+                      "idgbr.bench")
 
 VALUE_OPTIONS = ("--extent", "--pixel-size")  # options whose value may start with a minus sign
 EXIT_ERROR = 1
@@ -153,6 +154,54 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
         parser.add_argument("--coarse", type=Path, metavar="RASTER",
                             help="class-id raster from any model to refine instead of the bundled coarse "
                                  "segmenter (resampled nearest to INPUT's grid when its grid differs)")
+    add_model_arguments(parser, refine)
+    parser.add_argument("--extent", metavar="XMIN,YMIN,XMAX,YMAX",
+                        help="process only this area, snapped outward to the pixel grid")
+    parser.add_argument("--extent-crs", metavar="CRS",
+                        help="CRS of --extent, e.g. EPSG:4326 (default: the raster's CRS)")
+    if refine:
+        parser.add_argument("--confidence", type=Path, metavar="PATH",
+                            help="also write a float GeoTIFF on the input grid: the refiner's probability of each "
+                                 "written class (0..1; -1 where OUTPUT is nodata)")
+        # Deprecated spelling of --band (its 0 meant "no band", which is --band off now).
+        parser.add_argument("--guard-band", type=int, metavar="PX", help=argparse.SUPPRESS)
+    else:
+        # Accepted only to explain that segment writes no confidence (the pipeline's error), not to fail on usage.
+        parser.add_argument("--confidence", type=Path, help=argparse.SUPPRESS)
+    add_cluster_arguments(parser, "the tiles of INPUT run on a Dask cluster and this computer writes OUTPUT, "
+                                  "the same pixels as a run here")
+    remote = parser.add_argument_group(
+        "remote backend", "run on an 'idgbr serve' on another computer (a GPU server): INPUT and --coarse are "
+                          "uploaded, the results downloaded; same options, same pixels as here")
+    remote.add_argument("--backend", metavar="URL",
+                        help="the service's address, e.g. https://gpu-server:8443 (its --tls-cert and --tls-key make "
+                             "it HTTPS)")
+    remote.add_argument("--token-file", type=Path, metavar="PATH",
+                        help="with --backend: a copy of the service's token file (its --token-file)")
+    remote.add_argument("--ca-cert", type=Path, metavar="PEM",
+                        help="with --backend: trust this certificate, e.g. a copy of the service's self-signed "
+                             "--tls-cert (default: the system's certificate authorities)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
+
+
+def add_cluster_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    """--workers, --scheduler and --threads (``idgbr.distributed.Cluster``)."""
+    group = parser.add_argument_group("Dask cluster", f"{what} (needs pip install 'idgbr[distributed]')")
+    where = group.add_mutually_exclusive_group()
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="start a local Dask cluster of N worker processes for this run (stopped at its end)")
+    where.add_argument("--scheduler", metavar="tcp://HOST:8786",
+                       help="use the running Dask cluster of this scheduler; its workers need the IDGBR backend "
+                            "(same version) and must see the rasters, the model and the output folder at the same "
+                            "paths as this computer")
+    group.add_argument("--threads", type=int, metavar="N",
+                       help="torch threads per worker task (default: with --workers the cores divided by N; with "
+                            "--scheduler each worker's cores divided by its Dask threads)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
+    """The options of how a raster is processed (model, device, tiles, resolution, refiner rules), shared by
+    refine, segment and batch."""
     parser.add_argument("--model", metavar="PATH",
                         help="model file (.safetensors) or bundled model name (dubai5, roads2, buildings2); "
                              "default dubai5")
@@ -168,10 +217,6 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                              "(default: auto on CUDA GPUs, fp32 elsewhere)")
     parser.add_argument("--bands", metavar="1,2,3",
                         help="input band numbers (1-based) in the model's band order (default: the card's)")
-    parser.add_argument("--extent", metavar="XMIN,YMIN,XMAX,YMAX",
-                        help="process only this area, snapped outward to the pixel grid")
-    parser.add_argument("--extent-crs", metavar="CRS",
-                        help="CRS of --extent, e.g. EPSG:4326 (default: the raster's CRS)")
     parser.add_argument("--tile", type=int, metavar="N",
                         help="largest tile size in pixels; tiles are spread evenly and shrink to fit, rounded to "
                              "the model's size multiple (default: the model card's)")
@@ -195,33 +240,13 @@ def _add_run_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                             help="a pixel takes the refiner's class only where its probability is at least P, "
                                  "else it keeps the coarse class; 0 switches the gate off, 1 keeps the coarse map "
                                  f"({_default_text(sampler, 'min_confidence')})")
-        parser.add_argument("--confidence", type=Path, metavar="PATH",
-                            help="also write a float GeoTIFF on the input grid: the refiner's probability of each "
-                                 "written class (0..1; -1 where OUTPUT is nodata)")
-        # Deprecated spelling of --band (its 0 meant "no band", which is --band off now).
-        parser.add_argument("--guard-band", type=int, metavar="PX", help=argparse.SUPPRESS)
         parser.add_argument("--seed", type=int, default=0, metavar="N",
                             help="seed of the diffusion noise; results are reproducible per seed (default 0)")
-    else:
-        # Accepted only to explain that segment writes no confidence (the pipeline's error), not to fail on usage.
-        parser.add_argument("--confidence", type=Path, help=argparse.SUPPRESS)
-    remote = parser.add_argument_group(
-        "remote backend", "run on an 'idgbr serve' on another computer (a GPU server): INPUT and --coarse are "
-                          "uploaded, the results downloaded; same options, same pixels as here")
-    remote.add_argument("--backend", metavar="URL",
-                        help="the service's address, e.g. https://gpu-server:8443 (its --tls-cert and --tls-key make "
-                             "it HTTPS)")
-    remote.add_argument("--token-file", type=Path, metavar="PATH",
-                        help="with --backend: a copy of the service's token file (its --token-file)")
-    remote.add_argument("--ca-cert", type=Path, metavar="PEM",
-                        help="with --backend: trust this certificate, e.g. a copy of the service's self-signed "
-                             "--tls-cert (default: the system's certificate authorities)")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar and no log lines")
 
 
-def _run_command(args: argparse.Namespace) -> int:
+def model_fields(args: argparse.Namespace) -> dict[str, Any]:
+    """The ``RunOptions`` fields of ``add_model_arguments``' options; one-line IdgbrErrors for bad values."""
     from .raster.bands import parse_bands
-    from .raster.io import parse_extent
 
     # Parsed here rather than by argparse so a bad value gets the same one-line error as other bad inputs.
     band = parse_rule(getattr(args, "band", None), "--band")
@@ -230,15 +255,37 @@ def _run_command(args: argparse.Namespace) -> int:
         log.warning("--guard-band is deprecated: use --band (--guard-band 0 is --band off).")
         if band is None:
             band = -1 if guard_band == 0 else guard_band
+    return dict(
+        model=args.model, steps=getattr(args, "steps", None), device=args.device,
+        bands=parse_bands(args.bands) if args.bands else None, tile=args.tile, overlap=args.overlap, band=band,
+        vocabulary=parse_rule(getattr(args, "vocabulary", None), "--vocabulary"),
+        min_confidence=parse_probability(getattr(args, "min_confidence", None), "--min-confidence"),
+        seed=getattr(args, "seed", 0), pixel_size=parse_pixel_size(args.pixel_size), precision=args.precision)
+
+
+def cluster_from(args: argparse.Namespace) -> Any:
+    """The ``idgbr.distributed.Cluster`` that --workers or --scheduler ask for (not started), or None."""
+    if args.workers is None and args.scheduler is None:
+        if args.threads is not None:
+            raise IdgbrError("--threads applies to Dask workers: add --workers N or --scheduler ADDRESS, or leave "
+                             "--threads out.")
+        return None
+    from .distributed import Cluster
+
+    return Cluster(workers=args.workers, scheduler=args.scheduler, threads=args.threads)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    from .raster.io import parse_extent
+
     fields = dict(
         input=args.input, output=args.output, mode=args.command, coarse=getattr(args, "coarse", None),
-        model=args.model, steps=getattr(args, "steps", None), device=args.device,
-        bands=parse_bands(args.bands) if args.bands else None,
-        extent=parse_extent(args.extent) if args.extent else None, extent_crs=args.extent_crs, tile=args.tile,
-        overlap=args.overlap, band=band, vocabulary=parse_rule(getattr(args, "vocabulary", None), "--vocabulary"),
-        min_confidence=parse_probability(getattr(args, "min_confidence", None), "--min-confidence"),
-        confidence=getattr(args, "confidence", None), seed=getattr(args, "seed", 0),
-        pixel_size=parse_pixel_size(args.pixel_size), precision=args.precision)
+        extent=parse_extent(args.extent) if args.extent else None, extent_crs=args.extent_crs,
+        confidence=getattr(args, "confidence", None), **model_fields(args))
+    cluster = cluster_from(args)
+    if cluster is not None and args.backend is not None:
+        raise IdgbrError("--backend runs the job on a remote service and --workers / --scheduler on a Dask cluster: "
+                         "choose one.")
     if args.backend is None:
         for flag, value in (("--token-file", args.token_file), ("--ca-cert", args.ca_cert)):
             if value is not None:
@@ -258,7 +305,8 @@ def _run_command(args: argparse.Namespace) -> int:
             else:
                 from .pipeline import RunOptions, run
 
-                result = run(RunOptions(**fields), progress=bar)
+                with cluster if cluster is not None else contextlib.nullcontext():
+                    result = run(RunOptions(**fields), progress=bar, cluster=cluster)
     finally:
         if bar is not None:
             bar.close()

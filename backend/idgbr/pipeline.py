@@ -11,7 +11,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from rasterio.windows import Window
 
@@ -22,7 +22,7 @@ from .limits import MAX_RULE_PX, MAX_SEED, MAX_STEPS, MAX_TILE, MIN_STEPS, MIN_T
 from .model_bundle import load_bundle
 from .precision import check_precision, precision_note, resolve_precision
 from .raster.bands import make_scaler, select_bands
-from .raster.engine import Engine, EngineConfig, EngineStats
+from .raster.engine import Engine, EngineConfig, EngineStats, RowWriter
 from .raster.io import (
     CONFIDENCE_NODATA,
     NODATA,
@@ -41,6 +41,9 @@ from .raster.io import (
 )
 from .raster.resample import GridCoarse, UpsampledWriter, VirtualGrid
 from .resolution import check_pixel_size_option, detect_pixel_size, metres, plan_resolution, same_size
+
+if TYPE_CHECKING:
+    from .distributed import Cluster
 
 log = logging.getLogger("idgbr")
 
@@ -245,16 +248,50 @@ def _staged_progress(progress, start: float, share: float):
     return lambda fraction, message: progress(start + share * fraction, message)
 
 
-def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: CoarseSource | None,
-             config: EngineConfig, plan, writer: GeoTiffWriter, confidence_writer: GeoTiffWriter | None,
-             progress, cancel) -> EngineStats:
+@dataclass
+class PassCoarse:
+    """The class-id map a refine pass reads: ``source``, open here, and what another process needs to open
+    the same: the file and the grid it is on (``own``; None: INPUT's)."""
+
+    source: CoarseSource | GridCoarse
+    path: Path
+    own: VirtualGrid | None = None
+
+
+class Passes(Protocol):
+    """Runs one pass of the tile engine over a whole grid (here: ``LocalPasses``; on a Dask cluster:
+    ``idgbr.distributed.DaskPasses``)."""
+
+    def run(self, grid: VirtualGrid | None, window: Window, coarse: PassCoarse | None, config: EngineConfig,
+            writer: RowWriter, confidence_writer: RowWriter | None, progress) -> EngineStats:
+        """``grid``: the pass's grid (None: INPUT's, with ``window`` the processed window of it)."""
+        ...
+
+
+class LocalPasses:
+    """Each pass through one ``Engine`` in this process."""
+
+    def __init__(self, bundle, src, bands: list[int], scaler, masked: bool, cancel: threading.Event | None) -> None:
+        self.bundle, self.src, self.bands, self.scaler, self.masked, self.cancel = (
+            bundle, src, bands, scaler, masked, cancel)
+
+    def run(self, grid: VirtualGrid | None, window: Window, coarse: PassCoarse | None, config: EngineConfig,
+            writer: RowWriter, confidence_writer: RowWriter | None, progress) -> EngineStats:
+        engine = Engine(self.bundle, grid if grid is not None else self.src, window, self.bands, self.scaler,
+                        self.masked, coarse.source if coarse is not None else None, config, writer, progress,
+                        self.cancel, confidence_writer=confidence_writer)
+        return engine.run()
+
+
+def _process(bundle, src, window: Window, bands: list[int], masked: bool, coarse: CoarseSource | None,
+             coarse_path: Path | None, config: EngineConfig, plan, writer: GeoTiffWriter,
+             confidence_writer: GeoTiffWriter | None, progress, cancel, passes: Passes) -> EngineStats:
     """The passes of one run at the resolutions of ``plan``, written on INPUT's grid by the writers.
 
     Each pass runs the tile engine on its own grid: INPUT's, or a ``VirtualGrid`` (INPUT resampled window by
     window). When the coarse segmenter and the refiner work at different resolutions, the coarse pass first
     writes its class ids to a temporary GeoTIFF on its grid (removed at the end), which the refine pass reads
     on its own grid (nearest). Results on a virtual grid reach INPUT's grid through ``UpsampledWriter``."""
-    masked = has_masks(src, bands)
     refining = config.mode == "refine"
     final_grid = _grid(src, window, plan, plan.refine_m if refining else plan.coarse_m)
     staged = False
@@ -264,7 +301,7 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
         staged = (coarse_grid.width, coarse_grid.height) != (final_grid.width, final_grid.height)
     _hold_for_tests(cancel)
     with contextlib.ExitStack() as stack:
-        source: CoarseSource | GridCoarse | None = coarse
+        source = PassCoarse(coarse, coarse_path) if coarse is not None and coarse_path is not None else None
         coarse_tiles = None
         final_start, final_share = 0.0, 1.0
         if staged:
@@ -279,28 +316,27 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
             refine_pixels = float(final_grid.width) * float(final_grid.height)
             share = coarse_pixels / (coarse_pixels + refine_pixels * max(1, config.steps))
             coarse_config = EngineConfig(**{**config.__dict__, "mode": "segment"})
-            first = Engine(bundle, c_src, c_window, bands, scaler, masked, None, coarse_config, temp,
-                           _staged_progress(progress, 0.0, share), cancel)
-            coarse_tiles = first.run().coarse_tiles
+            coarse_tiles = passes.run(c_src, c_window, None, coarse_config, temp, None,
+                                      _staged_progress(progress, 0.0, share)).coarse_tiles
             temp.finish()
             own = CoarseSource(temp.tmp, c_src, bundle.card.num_classes)
             stack.callback(own.close)
-            source = GridCoarse(own, coarse_grid, final_grid)
+            source = PassCoarse(GridCoarse(own, coarse_grid, final_grid), temp.tmp, coarse_grid)
             final_start, final_share = share, 1.0 - share
-        elif coarse is not None and final_grid is not None:
-            source = GridCoarse(coarse, None, final_grid)  # the user's map on INPUT's grid, read on the refiner's
+        elif coarse is not None and coarse_path is not None and final_grid is not None:
+            # The user's map on INPUT's grid, read on the refiner's.
+            source = PassCoarse(GridCoarse(coarse, None, final_grid), coarse_path)
         out: GeoTiffWriter | UpsampledWriter
         conf_out: GeoTiffWriter | UpsampledWriter | None
         if final_grid is None:
-            f_src, f_window, out, conf_out = src, window, writer, confidence_writer
+            f_window, out, conf_out = window, writer, confidence_writer
         else:
-            f_src, f_window = final_grid, Window(0, 0, final_grid.width, final_grid.height)
+            f_window = Window(0, 0, final_grid.width, final_grid.height)
             out = UpsampledWriter(writer, final_grid, NODATA, bands, masked, count_classes=True)
             conf_out = (UpsampledWriter(confidence_writer, final_grid, CONFIDENCE_NODATA, bands, masked)
                         if confidence_writer is not None else None)
-        engine = Engine(bundle, f_src, f_window, bands, scaler, masked, source, config, out,
-                        _staged_progress(progress, final_start, final_share), cancel, confidence_writer=conf_out)
-        stats = engine.run()
+        stats = passes.run(final_grid, f_window, source, config, out, conf_out,
+                           _staged_progress(progress, final_start, final_share))
         for upsampled in (out, conf_out):
             if isinstance(upsampled, UpsampledWriter):
                 upsampled.flush()
@@ -318,9 +354,10 @@ def _process(bundle, src, window: Window, bands: list[int], scaler, coarse: Coar
 
 
 def run(options: RunOptions, progress: Callable[[float, str], None] | None = None,
-        cancel: threading.Event | None = None) -> RunResult:
+        cancel: threading.Event | None = None, cluster: Cluster | None = None) -> RunResult:
     """Run one job. Raises IdgbrError (message names the problem and the fix) or Cancelled; on any
-    failure or cancel no OUTPUT is left behind."""
+    failure or cancel no OUTPUT is left behind. With ``cluster`` (``idgbr.distributed.Cluster``, started) the
+    tiles run on its workers and this process writes the output: the same pixels as a run here."""
     started = time.perf_counter()
     _validate(options)
     input_path, output = Path(options.input), Path(options.output)
@@ -339,8 +376,15 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                 check_output(confidence_path, others, what="the confidence output (--confidence)")
         notes = _clean_folders([p for p in (output, confidence_path) if p is not None])
         with blame("model"):  # device errors name "device" themselves
-            bundle = load_bundle(options.model, options.device)
-        precision = resolve_precision(options.precision, bundle.device)
+            # On a cluster this process needs only the card and the checks: the workers run the networks.
+            bundle = load_bundle(options.model, options.device if cluster is None else "cpu")
+        if cluster is None:
+            device = bundle.device
+            precision = resolve_precision(options.precision, device)
+        else:
+            device, precision = cluster.prepare(options, [p for p in (input_path, coarse_path) if p is not None],
+                                                [p for p in (output, confidence_path) if p is not None])
+            notes.append(cluster.note)
         card = bundle.card
         if options.mode == "segment" and bundle.coarse is None:
             raise IdgbrError("This model has no coarse segmenter, so it cannot segment; use refine with a coarse "
@@ -364,7 +408,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         coarse_m = plan.coarse_m if model_coarse else 0.0
         refine_m = plan.refine_m if options.mode == "refine" else 0.0
         notes.append(plan.summary(options.mode, segmented=model_coarse))
-        notes.append(precision_note(options.precision, precision, bundle.device))
+        notes.append(precision_note(options.precision, precision, device))
         scaler = make_scaler(src, bands)
         if scaler.note:
             notes.append(scaler.note)
@@ -379,7 +423,7 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
         steps = card.sampler.steps if options.steps is None else options.steps
         band, vocabulary, min_confidence = _sampler_rules(card, options)
         config = EngineConfig(mode=options.mode, tile=tile, overlap=overlap,
-                              batch=default_batch(bundle.device.type), steps=steps, seed=options.seed,
+                              batch=default_batch(device.type), steps=steps, seed=options.seed,
                               band=band, vocabulary=vocabulary, min_confidence=min_confidence,
                               max_block_width=BLOCK_WIDTH, precision=precision, io_thread=IO_THREAD)
         coarse = None
@@ -410,15 +454,19 @@ def run(options: RunOptions, progress: Callable[[float, str], None] | None = Non
                 confidence_writer = None
                 if confidence_path is not None:
                     confidence_writer = outputs.enter_context(ConfidenceWriter(confidence_path, src, window, tags))
-                stats = _process(bundle, src, window, bands, scaler, coarse, config, plan, writer, confidence_writer,
-                                 progress, cancel)
+                masked = has_masks(src, bands)
+                passes: Passes = (LocalPasses(bundle, src, bands, scaler, masked, cancel) if cluster is None else
+                                  cluster.passes(input_path, window, bands, scaler, masked, options.model, device,
+                                                 card.size_multiple, cancel))
+                stats = _process(bundle, src, window, bands, masked, coarse, coarse_path, config, plan, writer,
+                                 confidence_writer, progress, cancel, passes)
                 # Both or neither: all verified, then swapped in together (or the old files stay).
                 commit_all([w for w in (writer, confidence_writer) if w is not None])
         finally:
             if coarse is not None:
                 coarse.close()
     result = RunResult(
-        output=output, mode=options.mode, model=card.name, device=str(bundle.device),
+        output=output, mode=options.mode, model=card.name, device=str(device),
         width=int(window.width), height=int(window.height), seconds=time.perf_counter() - started,
         tiles=stats.tiles if options.mode == "refine" else stats.coarse_tiles, tiles_refined=stats.tiles_refined,
         steps=steps if options.mode == "refine" else 0, classes=card.class_dicts(),

@@ -11,6 +11,12 @@ Memory stays bounded by the tile size and a column block's width, never the rast
 Reads and writes run on a background thread (``iothread.IoThread``), in order: the next tile row is read
 while the current one runs through the model, and finished rows are written behind it.
 
+A run may be one part of the window: a range of its output rows (``rows``) and one column block (``block``).
+The part runs exactly the tiles of the whole run that cover its rows (for the refine pass, also the coarse
+tiles those need), on the same tile grid, and adds them to its blends in the same order, so its rows are bit
+for bit those of the whole run; tiles are counted by the part that holds their first row. Parts need nothing
+from one another: ``idgbr.distributed`` runs them on other processes, each writing into a ``RowCollector``.
+
 Both passes blend per-tile log-probabilities (normalised logits) with raised-cosine weights. Log-probs,
 rather than raw logits, because tiles without a class boundary skip the refiner and contribute a fixed
 near-one-hot distribution instead: the two must be on one scale to blend.
@@ -31,7 +37,7 @@ import time
 from collections import deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, Protocol
 
 import numpy as np
 import rasterio
@@ -43,12 +49,12 @@ from ..card import ModelCard
 from ..errors import Cancelled
 from ..models.constraints import gate_changes
 from .bands import PixelScaler
-from .io import CONFIDENCE_NODATA, NODATA, CoarseSource, GeoTiffWriter, read_pixels
+from .io import CONFIDENCE_NODATA, NODATA, CoarseSource, read_pixels
 from .iothread import InlineIo, IoThread
 from .windows import OUTPUT_BLOCK, ColumnBlock, TileGrid, column_blocks, pad_tile, padded_size
 
 if TYPE_CHECKING:
-    from .resample import GridCoarse, UpsampledWriter
+    from .resample import GridCoarse
 
 ProgressFn = Callable[[float, str], None]
 
@@ -72,6 +78,53 @@ class EngineConfig:
     io_thread: bool = True  # reads and writes on a background thread (False: in the engine's own thread)
 
 
+class RowWriter(Protocol):
+    """Where the engine puts finished rows: ``values`` (rows, cols) at (``row``, ``col``) of its grid."""
+
+    def write(self, values: np.ndarray, row: int, col: int) -> None: ...
+
+
+class RowCollector:
+    """A writer that keeps the rows it gets, in order, for another process to write (``replay``)."""
+
+    def __init__(self) -> None:
+        self.writes: list[tuple[np.ndarray, int, int]] = []
+
+    def write(self, values: np.ndarray, row: int, col: int) -> None:
+        self.writes.append((values, row, col))
+
+
+def replay(writes: list[tuple[np.ndarray, int, int]], writer: RowWriter) -> None:
+    """Write collected rows into ``writer`` in the order they were produced."""
+    for values, row, col in writes:
+        writer.write(values, row, col)
+
+
+def part_tile_rows(grid: TileGrid, start: int, stop: int, coarse_first: bool) -> tuple[range, range]:
+    """The tile rows (indices into ``grid.rows``) a part with output rows [start, stop) runs: those of the final
+    pass, and those of the coarse pass. With ``coarse_first`` (the refine pass on the model's coarse map) the
+    coarse pass also covers every row the final pass's tiles read, so their coarse ids are final; otherwise
+    both are the tiles touching the rows."""
+    final = grid.tile_rows_touching(start, stop)
+    if not coarse_first:
+        return final, final
+    top, bottom = grid.rows[final.start], grid.rows[final.stop - 1] + grid.tile_h
+    return final, grid.tile_rows_touching(top, bottom)
+
+
+def work_units(grid: TileGrid, blocks: list[ColumnBlock], start: int, stop: int, refining: bool,
+               model_coarse: bool, steps: int) -> float:
+    """The work of output rows [start, stop) over ``blocks``: a coarse tile counts 1, a refine tile ``steps``."""
+    final, coarse = part_tile_rows(grid, start, stop, refining and model_coarse)
+    units = 0.0
+    for block in blocks:
+        if model_coarse:
+            units += len(coarse) * len(block.coarse_cols)
+        if refining:
+            units += len(final) * len(block.refine_cols) * max(1, steps)
+    return units
+
+
 @dataclass
 class EngineStats:
     tiles: int = 0  # tiles of the final pass (refine tiles in refine mode, coarse tiles in segment mode)
@@ -86,9 +139,9 @@ class EngineStats:
 class RollingRows:
     """Rows [base, base + n) of a (..., rows, width) array; grows on demand, drops rows from the top."""
 
-    def __init__(self, lead: tuple[int, ...], width: int, dtype: type, fill: float = 0) -> None:
+    def __init__(self, lead: tuple[int, ...], width: int, dtype: type, fill: float = 0, base: int = 0) -> None:
         self.lead, self.width, self.dtype, self.fill = lead, width, dtype, fill
-        self.base = 0
+        self.base = base
         self.data: np.ndarray = np.full((*lead, 0, width), fill, dtype=dtype)
 
     def view(self, start: int, stop: int) -> np.ndarray:
@@ -113,18 +166,20 @@ class RollingRows:
 
 
 class Pass:
-    """Bookkeeping of one pass (coarse or refine) over a block: its tiles, which are done, which rows are
-    final."""
+    """Bookkeeping of one pass (coarse or refine) over a block: its tiles (those of ``tile_rows``), which are
+    done, which rows are final."""
 
-    def __init__(self, grid: TileGrid, cols: tuple[int, ...]) -> None:
+    def __init__(self, grid: TileGrid, cols: tuple[int, ...], tile_rows: range) -> None:
         self.rows = grid.rows
-        self.height = grid.height
-        self.tiles = [(i, x) for i in range(len(self.rows)) for x in cols]
+        self.tile_h = grid.tile_h
+        self.stop = tile_rows.stop
+        self.tiles = [(i, x) for i in tile_rows for x in cols]
         self.per_row = len(cols)
         self.done = [0] * len(self.rows)
         self.next = 0  # index of the next tile to hand out
-        self.first_open = 0  # first tile row with undone tiles
-        self.final_end = 0  # rows [0, final_end) will not change any more
+        self.first_open = tile_rows.start  # first tile row with undone tiles
+        # Rows [first row of the pass, final_end) will not change any more (as far as this pass's tiles go).
+        self.final_end = self.rows[tile_rows.start]
 
     @property
     def exhausted(self) -> bool:
@@ -132,24 +187,28 @@ class Pass:
 
     @property
     def finished(self) -> bool:
-        return self.first_open >= len(self.rows)
+        return self.first_open >= self.stop
 
     def mark(self, row_index: int) -> tuple[int, int]:
         """Record one finished tile; return the rows that became final (possibly empty)."""
         self.done[row_index] += 1
         start = self.final_end
-        while self.first_open < len(self.rows) and self.done[self.first_open] == self.per_row:
+        while self.first_open < self.stop and self.done[self.first_open] == self.per_row:
             self.first_open += 1
-        self.final_end = self.rows[self.first_open] if self.first_open < len(self.rows) else self.height
+        # Past the pass's last tile row, the rows it covers are done too (for the whole grid: all rows).
+        self.final_end = (self.rows[self.first_open] if self.first_open < self.stop
+                          else self.rows[self.stop - 1] + self.tile_h)
         return start, max(start, self.final_end)
 
 
 class Engine:
     def __init__(self, bundle, src: rasterio.io.DatasetReader, window: Window, bands: list[int],
                  scaler: PixelScaler, masked: bool, coarse: CoarseSource | GridCoarse | None, config: EngineConfig,
-                 writer: GeoTiffWriter | UpsampledWriter, progress: ProgressFn | None = None,
-                 cancel: threading.Event | None = None,
-                 confidence_writer: GeoTiffWriter | UpsampledWriter | None = None) -> None:
+                 writer: RowWriter, progress: ProgressFn | None = None, cancel: threading.Event | None = None,
+                 confidence_writer: RowWriter | None = None, rows: tuple[int, int] | None = None,
+                 block: int | None = None) -> None:
+        """``rows`` (output rows [start, stop) of the window) and ``block`` (index of a column block) make the
+        run one part of the window (None: all rows, all blocks)."""
         self.bundle = bundle
         self.src = src
         self.window = window
@@ -170,23 +229,24 @@ class Engine:
         self.grid = TileGrid(int(window.height), int(window.width), config.tile, config.overlap, self.multiple)
         self.refining = config.mode == "refine"
         self.model_coarse = coarse is None
-        self.blocks = column_blocks(self.grid, config.max_block_width, self.refining and self.model_coarse)
+        blocks = column_blocks(self.grid, config.max_block_width, self.refining and self.model_coarse)
+        self.blocks = blocks if block is None else [blocks[block]]
+        start, stop = (0, self.grid.height) if rows is None else rows
+        self.part = (max(0, int(start)), min(self.grid.height, int(stop)))
+        if self.part[1] <= self.part[0]:
+            raise ValueError(f"empty row range {rows} of a {self.grid.height}-row grid")
+        self.final_rows, self.coarse_rows = part_tile_rows(self.grid, *self.part, self.refining and self.model_coarse)
         self.stats = EngineStats(tile_shape=(self.grid.tile_h, self.grid.tile_w))
         self.class_hist = np.zeros(256, dtype=np.int64)
         # Progress in work units: a coarse tile is 1, a refined tile about ``steps`` denoiser calls.
         self.refine_cost = max(1, config.steps)
-        rows = len(self.grid.rows)
-        self.total_units = 0.0
-        for block in self.blocks:
-            if self.model_coarse:
-                self.total_units += rows * len(block.coarse_cols)
-            if self.refining:
-                self.total_units += rows * len(block.refine_cols) * self.refine_cost
-        self.total_units = max(self.total_units, 1.0)
+        self.total_units = max(1.0, work_units(self.grid, self.blocks, *self.part, self.refining, self.model_coarse,
+                                               config.steps))
         self.done_units = 0.0
         self.tiles_done = 0
-        self.tiles_total = sum(rows * ((len(b.coarse_cols) if self.model_coarse else 0)
-                                       + (len(b.refine_cols) if self.refining else 0)) for b in self.blocks)
+        self.tiles_total = sum((len(self.coarse_rows) * len(b.coarse_cols) if self.model_coarse else 0)
+                               + (len(self.final_rows) * len(b.refine_cols) if self.refining else 0)
+                               for b in self.blocks)
         self.started = time.perf_counter()
         self.megapixels = self.grid.height * self.grid.width / 1e6
         self.io: IoThread | InlineIo = InlineIo()
@@ -212,7 +272,11 @@ class Engine:
 
     # ----------------------------------------------------------------- shared helpers
 
-    def write(self, writer: GeoTiffWriter | UpsampledWriter, values: np.ndarray, row: int, col: int) -> None:
+    def owns(self, i: int) -> bool:
+        """Whether tile row ``i`` is counted in this part's statistics: the part holding its first row."""
+        return self.part[0] <= self.grid.rows[i] < self.part[1]
+
+    def write(self, writer: RowWriter, values: np.ndarray, row: int, col: int) -> None:
         """Queue ``values`` for ``writer.write``; raises the error of any earlier write that failed."""
         # A copy: the caller's rows are overwritten as soon as this returns.
         self.writes.append(self.io.submit(writer.write, values.copy(), row, col))
@@ -278,22 +342,28 @@ class _BlockRun:
         self.lo, self.hi = min(cols), max(cols) + self.tw
         span = self.hi - self.lo
         k = engine.num_classes
-        self.coarse = Pass(grid, block.coarse_cols) if engine.model_coarse else None
-        self.refine = Pass(grid, block.refine_cols) if engine.refining else None
-        self.coarse_acc = RollingRows((k,), span, np.float32) if self.coarse else None
-        self.refine_acc = RollingRows((k,), span, np.float32) if self.refine else None
+        self.coarse = Pass(grid, block.coarse_cols, engine.coarse_rows) if engine.model_coarse else None
+        self.refine = Pass(grid, block.refine_cols, engine.final_rows) if engine.refining else None
+        # The first tile row either pass runs (the coarse pass's reaches at least as far up) and the last.
+        first_row = (engine.coarse_rows if self.coarse else engine.final_rows).start
+        self.last_row = max(engine.coarse_rows.stop if self.coarse else 0, engine.final_rows.stop) - 1
+        top = grid.rows[first_row]
+        self.coarse_acc = RollingRows((k,), span, np.float32, base=top) if self.coarse else None
+        self.refine_acc = RollingRows((k,), span, np.float32, base=top) if self.refine else None
         # Per pixel: the sum of the blending weights of all refine tiles, and of those the model refined.
-        self.refine_weight = RollingRows((2,), span, np.float32) if self.refine else None
-        self.coarse_ids = RollingRows((), span, np.uint8) if self.refine else None
-        self.valid = RollingRows((), span, bool, fill=True)
-        self.out = RollingRows((), block.out_stop - block.out_start, np.uint8, fill=NODATA)
-        self.confidence = (RollingRows((), block.out_stop - block.out_start, np.float32, fill=CONFIDENCE_NODATA)
+        self.refine_weight = RollingRows((2,), span, np.float32, base=top) if self.refine else None
+        self.coarse_ids = RollingRows((), span, np.uint8, base=top) if self.refine else None
+        self.valid = RollingRows((), span, bool, fill=True, base=top)
+        first_out = engine.part[0]
+        self.out = RollingRows((), block.out_stop - block.out_start, np.uint8, fill=NODATA, base=first_out)
+        self.confidence = (RollingRows((), block.out_stop - block.out_start, np.float32, fill=CONFIDENCE_NODATA,
+                                       base=first_out)
                            if engine.confidence_writer is not None else None)
-        self.emitted = 0
-        self.flushed = 0
+        self.emitted = first_out
+        self.flushed = first_out
         self.strips: dict[int, tuple[np.ndarray, np.ndarray | None]] = {}
         self.reads: dict[int, Future] = {}  # tile rows being read, by index
-        self.next_read = 0  # index of the next tile row to read
+        self.next_read = first_row  # index of the next tile row to read
         self.pending: list[tuple[int, int]] = []  # refine tiles waiting for a model batch
         self.log_skip_hi = math.log(SKIP_PROB)
         self.log_skip_lo = math.log((1 - SKIP_PROB) / max(1, k - 1))
@@ -306,7 +376,7 @@ class _BlockRun:
         if i in self.strips:
             return self.strips[i]
         e = self.e
-        while self.next_read <= min(i + e.read_ahead, len(self.grid.rows) - 1):
+        while self.next_read <= min(i + e.read_ahead, self.last_row):
             y = self.grid.rows[self.next_read]
             window = Window(e.col0 + self.lo, e.row0 + y, self.hi - self.lo, self.th)
             self.reads[self.next_read] = e.io.submit(read_strip, e.src, e.bands, window, e.masked, e.coarse_source)
@@ -353,7 +423,7 @@ class _BlockRun:
             start, stop = p.mark(i)
             if stop > start:
                 self.coarse_rows_final(start, stop)
-        e.stats.coarse_tiles += len(tiles)
+        e.stats.coarse_tiles += sum(e.owns(i) for i, _ in tiles)
         e.advance(len(tiles), len(tiles))
 
     def coarse_rows_final(self, start: int, stop: int) -> None:
@@ -399,7 +469,7 @@ class _BlockRun:
             acc += w * self.log_skip_lo
             acc[klass] += w * (self.log_skip_hi - self.log_skip_lo)
             self.refine_weight.view(y, y + self.th)[0, :, c : c + self.tw] += w
-            self.e.stats.tiles += 1
+            e.stats.tiles += int(e.owns(i))
             self.finish_refine_tile(i)
             e.advance(e.refine_cost, 1)
 
@@ -427,8 +497,9 @@ class _BlockRun:
             self.refine_acc.view(y, y + self.th)[:, :, c : c + self.tw] += wlp
             self.refine_weight.view(y, y + self.th)[:, :, c : c + self.tw] += w
             self.finish_refine_tile(i)
-        e.stats.tiles += len(tiles)
-        e.stats.tiles_refined += len(tiles)
+        owned = sum(e.owns(i) for i, _ in tiles)
+        e.stats.tiles += owned
+        e.stats.tiles_refined += owned
         e.advance(e.refine_cost * len(tiles), len(tiles))
 
     def finish_refine_tile(self, i: int) -> None:
@@ -467,19 +538,23 @@ class _BlockRun:
 
     def emit(self, start: int, stop: int, ids: np.ndarray, confidence: np.ndarray | None = None,
              coarse: np.ndarray | None = None) -> None:
-        """Rows [start, stop) of the block are final: mask nodata, queue for writing."""
-        a, b = self.block.out_start - self.lo, self.block.out_stop - self.lo
-        out = ids[:, a:b].astype(np.uint8)
-        valid = self.valid.view(start, stop)[:, a:b]
-        out[~valid] = NODATA
-        self.out.view(start, stop)[...] = out
-        if self.confidence is not None and confidence is not None:
-            self.confidence.view(start, stop)[...] = np.where(valid, confidence[:, a:b], CONFIDENCE_NODATA)
-        if coarse is not None:
-            self.e.stats.changed_pixels += int(((out != coarse[:, a:b]) & valid).sum())
+        """Rows [start, stop) of the block are final: mask nodata, queue for writing. Only the part's own rows
+        are kept (those around them are not final: tiles outside the part cover them too)."""
+        lo, hi = max(start, self.e.part[0]), min(stop, self.e.part[1])
+        if hi > lo:
+            rows = slice(lo - start, hi - start)
+            a, b = self.block.out_start - self.lo, self.block.out_stop - self.lo
+            out = ids[rows, a:b].astype(np.uint8)
+            valid = self.valid.view(lo, hi)[:, a:b]
+            out[~valid] = NODATA
+            self.out.view(lo, hi)[...] = out
+            if self.confidence is not None and confidence is not None:
+                self.confidence.view(lo, hi)[...] = np.where(valid, confidence[rows, a:b], CONFIDENCE_NODATA)
+            if coarse is not None:
+                self.e.stats.changed_pixels += int(((out != coarse[rows, a:b]) & valid).sum())
+            self.emitted = hi
+            self.e.class_hist += np.bincount(out.ravel(), minlength=256)
         self.valid.release(stop)
-        self.emitted = stop
-        self.e.class_hist += np.bincount(out.ravel(), minlength=256)
         self.flush(final=False)
 
     def flush(self, final: bool) -> None:

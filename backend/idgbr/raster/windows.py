@@ -90,6 +90,12 @@ class TileGrid:
     def col_weights(self, x: int) -> np.ndarray:
         return ramp_weights(x, self.tile_w, self.width, self.overlap)
 
+    def tile_rows_touching(self, start: int, stop: int) -> range:
+        """Indices (into ``rows``) of the tile rows that cover any row in [start, stop)."""
+        first = next((i for i, y in enumerate(self.rows) if y + self.tile_h > start), len(self.rows))
+        stop_index = next((i for i, y in enumerate(self.rows) if y >= stop), len(self.rows))
+        return range(first, max(first, stop_index))
+
     def cols_touching(self, start: int, stop: int) -> list[int]:
         """Column offsets of the tiles that cover any column in [start, stop)."""
         return [x for x in self.cols if x < stop and x + self.tile_w > start]
