@@ -23,6 +23,12 @@ from .models.coarse import CoarseConfig
 from .models.fcn import FCN_KIND, FcnConfig
 from .refiner_training import RefinerRun, autocast_for, train_refiner
 
+# Building models see Accra at ~0.2 and ~0.4 m and Dubai at ~0.5 m, scaled by 0.6-1.7 in training: valid from
+# about 0.12 to 0.68 m. They work at 0.2 m, where their Accra maps are best (validation at 0.15-0.4 m: mIoU falls
+# as the pixels grow), so a drone mosaic is segmented at 0.2 m while Dubai's 0.5 m stays as it is.
+ACCRA_WORKING_M = 0.2
+ACCRA_RANGE_M = (0.12, 0.6)
+
 
 def base_card(name: str, task: str, mean: list[float], std: list[float], pixel_size_m: float = 0.5) -> ModelCard:
     """The card of a new coarse model (no architecture yet); ``task``: "multiclass", or a binary task
@@ -103,10 +109,12 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
     mean, std = channel_stats(scenes)
     pixel_size = 0.5
     if accra is not None:
-        # Drone tiles at ~0.2 and ~0.4 m beside the Dubai tiles at ~0.5 m; the model works at ~0.3 m.
+        # Drone tiles at ~0.2 and ~0.4 m beside the Dubai tiles at ~0.5 m.
         scenes += load_accra(accra, "train", 4) + load_accra(accra, "train", 8)
-        pixel_size = 0.3
+        pixel_size = ACCRA_WORKING_M
     card = base_card(out.stem, task, mean, std, pixel_size)
+    if accra is not None:
+        card.pixel_size_range_m = list(ACCRA_RANGE_M)
     config = (FcnConfig if architecture == FCN_KIND else CoarseConfig)(num_classes=card.num_classes)
     model = build_coarse(config.to_dict()).to(device)
     earlier: list[dict] = []

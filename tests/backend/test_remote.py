@@ -141,7 +141,10 @@ def test_remote_refine_gives_the_pixels_of_a_local_run(service: RemoteService, s
     assert f"Wrote {remote / 'r.tif'}: 64 x 64 px" in out and f"at {service.url}" in out
     for name in ("r.tif", "c.tif"):
         with rasterio.open(local / name) as a, rasterio.open(remote / name) as b:
-            assert np.array_equal(a.read(), b.read()), name
+            if name == "r.tif":
+                assert np.array_equal(a.read(), b.read()), name
+            else:  # torch's float sums depend on its thread count, which the service may not share
+                assert np.allclose(a.read(), b.read(), rtol=0, atol=1e-5), name
             assert a.transform == b.transform and a.crs == b.crs and a.tags() == b.tags()
     assert (local / "r.tif.aux.xml").read_bytes() == (remote / "r.tif.aux.xml").read_bytes()  # class names
     assert sorted(p.name for p in remote.iterdir()) == ["c.tif", "r.tif", "r.tif.aux.xml"]  # no temporary files
