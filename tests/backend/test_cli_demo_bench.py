@@ -69,3 +69,40 @@ def test_bench_builds_rasters_measures_and_reports(bundled_model, tiny_dataset, 
     path = tmp_path / "docs" / "BENCH.md"
     bench.write_report(path, report)
     assert path.read_text() == report
+
+
+def test_bench_reference_segments_the_whole_raster_on_its_grid(tiny_dataset, tmp_path, monkeypatch):
+    """The plain ResNet-34 U-Net the bench compares against covers every pixel once, on the input's grid."""
+    from idgbr.bench_reference import run_reference
+
+    monkeypatch.setattr(bench, "CELL", 256)
+    mosaic = bench.build_mosaic(tiny_dataset, tmp_path / "mosaic.tif", 512)
+    result = run_reference(mosaic, tmp_path / "plain.tif", tile=224, overlap=32, classes=5, precision="fp32")
+    assert (result["width"], result["height"], result["precision"]) == (512, 512, "fp32") and result["tiles"] == 9
+    with rasterio.open(tmp_path / "plain.tif") as out, rasterio.open(mosaic) as src:
+        classes = out.read(1)
+        assert out.transform == src.transform and out.crs == src.crs
+    assert (classes != 255).all() and classes.max() < 5  # no pixel left unwritten (255 is its nodata)
+
+
+def test_bench_compares_precisions_pixel_by_pixel_and_reports_the_speed_bar(tmp_path):
+    profile = {"driver": "GTiff", "width": 64, "height": 64, "count": 1, "dtype": "uint8"}
+    a = np.zeros((64, 64), np.uint8)
+    b = a.copy()
+    b[:32, :32] = 1  # a quarter differs
+    for name, values in (("a.tif", a), ("b.tif", b)):
+        with rasterio.open(tmp_path / name, "w", **profile) as dst:
+            dst.write(values, 1)
+    assert bench.pixel_agreement(tmp_path / "a.tif", tmp_path / "b.tif") == pytest.approx(0.75)
+
+    def row(mode, precision, seconds):
+        return {"label": bench.PLAIN_LABEL if mode == bench.PLAIN_MODE else "mosaic", "mode": mode,
+                "precision": precision, "seconds": seconds, "width": 4000, "height": 4000}
+
+    rows = [row(bench.PLAIN_MODE, "fp32", 20.0), row("refine", "fp32", 12.0), row(bench.PLAIN_MODE, "bf16", 10.0),
+            row("refine", "bf16", 4.0)]
+    text = "\n".join(bench.speed_bar(rows, {"bf16": 0.999}))
+    assert "at fp32: segment + refine takes **0.60×** the plain ResNet-34 U-Net's time (target <= 0.5: NOT met)" in text
+    assert "at bf16: segment + refine takes **0.40×**" in text and "0.25 s/MP (target <= 0.5: met)" in text
+    assert "bf16 against fp32 (segment + refine on the mosaic): **3.00× faster** (target >= 1.8×: met)" in text
+    assert "**99.90 %** of pixels agree (target >= 99.5 %: met)" in text
