@@ -257,6 +257,16 @@ def merge_stats(total: EngineStats, part: EngineStats) -> None:
         total.class_pixels[klass] = total.class_pixels.get(klass, 0) + count
 
 
+def _forget_trim_threshold_left_by_dask(dask: Any) -> None:
+    """Drop Dask's MALLOC_TRIM_THRESHOLD_ from this process's environment if a Dask nanny put it there.
+
+    Nannies of another cluster started in this process (with Dask's defaults) write the variable into
+    os.environ before they spawn, and every worker process started later would inherit it from there."""
+    dask_value = dask.config.get(f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_", default=None)
+    if dask_value is not None and os.environ.get("MALLOC_TRIM_THRESHOLD_") == str(dask_value):
+        del os.environ["MALLOC_TRIM_THRESHOLD_"]
+
+
 class Cluster:
     """A Dask cluster for the runs inside the ``with`` block: ``workers`` local worker processes (stopped at
     the end, also on Ctrl-C), or the existing cluster whose scheduler is at ``scheduler`` (left running).
@@ -294,6 +304,7 @@ class Cluster:
                 # Dask's nannies set MALLOC_TRIM_THRESHOLD_ in their workers, which turns off glibc's adaptive mmap
                 # threshold: every tensor then is a fresh mmap and its pages fault in anew, and the networks ran
                 # 2.5 times slower than in one process. Local workers keep the allocator's default.
+                _forget_trim_threshold_left_by_dask(dask)
                 with dask.config.set({f"{NANNY_ENV}.MALLOC_TRIM_THRESHOLD_": None}):
                     self.local = distributed.LocalCluster(n_workers=self.workers, threads_per_worker=1,
                                                           processes=True, host="127.0.0.1",

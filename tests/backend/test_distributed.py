@@ -225,9 +225,11 @@ def test_two_resolutions_on_worker_processes_give_the_single_process_pixels(bund
     np.testing.assert_array_equal(read(tmp_path / "one.tif"), read(tmp_path / "parts.tif"))
 
 
-def test_local_workers_keep_the_allocators_adaptive_threshold():
+def test_local_workers_keep_the_allocators_adaptive_threshold(monkeypatch):
     """Dask's nannies set MALLOC_TRIM_THRESHOLD_ in the workers they start, which made the networks 2.5 times
-    slower there than in one process; the local cluster of --workers N starts its workers without it."""
+    slower there than in one process; the local cluster of --workers N starts its workers without it, also
+    after another cluster's nannies in this process left Dask's value in its environment."""
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "65536")
     with Cluster(workers=1, threads=1) as cluster:
         seen = cluster.client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(seen.values()) == [None]
