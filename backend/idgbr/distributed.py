@@ -241,10 +241,19 @@ def _ignore_ctrl_c_plugin(distributed: Any) -> Any:
 # Here
 # ------------------------------------------------------------------------------------------------------------
 
-def rows_per_part(grid: TileGrid) -> int:
-    """Output rows per part: about ``TASK_TILE_ROWS`` tile rows, a multiple of ``ROW_ALIGN``."""
-    rows = TASK_TILE_ROWS * max(1, grid.tile_h - grid.overlap)
-    return max(ROW_ALIGN, -(-rows // ROW_ALIGN) * ROW_ALIGN)
+def part_rows(grid: TileGrid, slots: int = 1, blocks: int = 1) -> list[tuple[int, int]]:
+    """The (top, bottom) output rows of each part, starting on multiples of ``ROW_ALIGN``: at most about
+    ``TASK_TILE_ROWS`` tile rows each, and the rows shared out evenly so that the parts (times the column
+    ``blocks``) are a multiple of the cluster's ``slots``: parts of 8 and 1 tile rows on 2 workers left one
+    worker idle for most of the run."""
+    tile_rows = len(grid.rows)
+    parts = -(-tile_rows // TASK_TILE_ROWS)
+    while (parts * blocks) % slots and parts < tile_rows:
+        parts += 1
+    aligned = -(-grid.height // ROW_ALIGN)  # the height in alignment units
+    parts = max(1, min(parts, aligned))
+    edges = [min(grid.height, round(i * aligned / parts) * ROW_ALIGN) for i in range(parts + 1)]
+    return [(top, bottom) for top, bottom in zip(edges, edges[1:]) if bottom > top]
 
 
 def merge_stats(total: EngineStats, part: EngineStats) -> None:
@@ -475,8 +484,8 @@ class DaskPasses:
         tiles = TileGrid(height, width, config.tile, config.overlap, self.multiple)
         refining, model_coarse = config.mode == "refine", coarse is None
         blocks = column_blocks(tiles, config.max_block_width, refining and model_coarse)
-        step = rows_per_part(tiles)
-        parts = [((top, min(height, top + step)), b) for top in range(0, height, step) for b in range(len(blocks))]
+        rows = part_rows(tiles, self.cluster.slots(), len(blocks))
+        parts = [(span, b) for span in rows for b in range(len(blocks))]
         units = [work_units(tiles, [blocks[b]], *rows, refining, model_coarse, config.steps) for rows, b in parts]
         total_units = max(1.0, sum(units))
         stats = EngineStats(tile_shape=(tiles.tile_h, tiles.tile_w))

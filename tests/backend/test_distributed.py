@@ -31,6 +31,7 @@ from idgbr.cli import main  # noqa: E402
 from idgbr.distributed import Cluster  # noqa: E402
 from idgbr.errors import Cancelled, IdgbrError  # noqa: E402
 from idgbr.pipeline import RunOptions, run  # noqa: E402
+from idgbr.raster.windows import TileGrid  # noqa: E402
 
 QUIET = dict(dashboard_address="127.0.0.1:0", scheduler_kwargs={"dashboard": False})  # no fixed ports
 
@@ -223,6 +224,21 @@ def test_two_resolutions_on_worker_processes_give_the_single_process_pixels(bund
     assert (single.coarse_pixel_m, single.refine_pixel_m) == (0.5, 0.25)
     same_result(single, parts)
     np.testing.assert_array_equal(read(tmp_path / "one.tif"), read(tmp_path / "parts.tif"))
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 4])
+def test_parts_share_the_rows_out_evenly_among_the_workers(slots):
+    """A 4096-row raster of 512 px tiles (9 tile rows) once made parts of 3584 and 512 rows, so a second
+    worker sat idle for most of the run; now the parts come in a multiple of the workers, of nearly equal
+    height, and none is longer than about TASK_TILE_ROWS tile rows."""
+    grid = TileGrid(4096, 4096, 512, 64)
+    rows = dist.part_rows(grid, slots)
+    heights = [bottom - top for top, bottom in rows]
+    assert rows[0][0] == 0 and rows[-1][1] == 4096 and all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+    assert all(top % dist.ROW_ALIGN == 0 for top, _ in rows)
+    assert len(heights) % slots == 0
+    assert max(heights) - min(heights) <= dist.ROW_ALIGN
+    assert max(heights) <= dist.TASK_TILE_ROWS * (512 - 64)
 
 
 def test_local_workers_keep_the_allocators_adaptive_threshold(monkeypatch):
