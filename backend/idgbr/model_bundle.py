@@ -77,6 +77,7 @@ class ModelBundle:
         self.card = card
         self.device = device
         self.source = source
+        self.precision: str | None = None  # of calls that name none (None: the device's default)
         memory_format = torch.channels_last if device.type == "cpu" else torch.contiguous_format
         self.memory_format = memory_format
         # torch's type stubs lack Module.to(memory_format=...), which PyTorch accepts.
@@ -88,8 +89,8 @@ class ModelBundle:
         return self.card.num_classes
 
     def _autocast(self, precision: str | None) -> contextlib.AbstractContextManager:
-        """The networks' autocast for ``precision`` (idgbr.precision; None: the device's default)."""
-        return autocast(resolve_precision(precision, self.device), self.device)
+        """The networks' autocast for ``precision`` (idgbr.precision; None: ``self.precision``)."""
+        return autocast(resolve_precision(precision or self.precision, self.device), self.device)
 
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         return self._to_device(images).contiguous(memory_format=self.memory_format)

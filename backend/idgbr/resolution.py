@@ -19,7 +19,6 @@ from .card import ModelCard
 from .errors import IdgbrError
 from .limits import MAX_PIXEL_SIZE_M
 
-MAX_INPUT_PIXEL_M = MAX_PIXEL_SIZE_M  # coarser rasters are refused (idgbr.limits)
 RANGE_FACTOR = 2.0  # a card without pixel_size_range_m is valid from working / 2 to working * 2
 DEFAULT_WORKING_M = 0.5  # cards without pixel_size_m (none of ours): assume the bundled models' value
 METRES_PER_DEGREE_LAT = 110_574.0  # WGS84, mid latitudes: close enough for choosing a resolution
@@ -153,14 +152,14 @@ def plan_resolution(input_m: float, card: ModelCard, model_name: str = "the mode
     - The output is always written on the input's grid (nearest: each input pixel takes the class decided
       for the working pixel that contains its centre).
 
-    Raises IdgbrError for inputs coarser than ``MAX_INPUT_PIXEL_M``, naming their resolution and the range."""
+    Raises IdgbrError for inputs coarser than ``MAX_PIXEL_SIZE_M``, naming their resolution and the range."""
     low, high = pixel_size_range(card)
     working = working_pixel_size(card)
     if not math.isfinite(input_m) or input_m <= 0:
         raise IdgbrError(f"INPUT's pixel size {input_m!r} m is not a size; give --pixel-size METRES.")
-    if input_m > MAX_INPUT_PIXEL_M:
+    if input_m > MAX_PIXEL_SIZE_M:
         raise IdgbrError(f"INPUT is {metres(input_m)} m per pixel; {model_name} {range_text(card)} and cannot work "
-                         f"on rasters coarser than {MAX_INPUT_PIXEL_M:g} m. Use finer imagery, or give --pixel-size "
+                         f"on rasters coarser than {MAX_PIXEL_SIZE_M:g} m. Use finer imagery, or give --pixel-size "
                          "METRES if the raster's georeference is wrong; nothing was written.")
     inside = low * (1 - SAME) <= input_m <= high * (1 + SAME)
     coarse = input_m if inside else working

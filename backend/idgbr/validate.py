@@ -36,6 +36,7 @@ from .degrade import block_majority, jitter
 from .metrics import Scores
 from .model_bundle import ModelBundle, build_bundle, select_device
 from .models.constraints import allowed_classes, constrain_logits, gate_changes
+from .precision import check_precision, resolve_precision
 from .train import pad_to_multiple, predict_scene
 
 STEP_CHOICES = (1, 2)  # each further step costs 42 GFLOP/MP more; 3+ are not swept (validation time)
@@ -242,6 +243,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--figure", type=Path, help="PNG of image / coarse / refined / truth crops")
     parser.add_argument("--no-update", action="store_true", help="do not write defaults and metrics into the model")
     parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--precision", default=None,
+                        help="of the networks (fp32, bf16, auto; default: the device's), e.g. to check that bf16 "
+                             "maps score as fp32 maps do")
+    parser.add_argument("--card-defaults", action="store_true",
+                        help="score with the model card's sampler defaults instead of choosing them again")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -253,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     tensors, card = load_checkpoint(args.model)
     device = select_device("auto")
     bundle = build_bundle(tensors, card, device, args.model)
+    bundle.precision = check_precision(args.precision)
+    log(f"networks at {resolve_precision(bundle.precision, device)}")
     task = binary_task(card)
     foreground = BINARY_TASKS[task] if task else None
     task_name = "multiclass" if task is None else "binary"
@@ -266,7 +274,14 @@ def main(argv: list[str] | None = None) -> int:
     all_sources = [coarse_sources(bundle, d, second, classifier, task_name, foreground) for d in datasets]
     log(f"coarse maps ready: {', '.join(f'{d.name} ({len(d.scenes)} images)' for d in datasets)}")
 
-    defaults, sweep = choose_defaults(bundle, datasets, all_sources, log)
+    defaults: dict
+    if args.card_defaults:
+        sampler = card.sampler
+        defaults = {"steps": sampler.steps, "band": sampler.band, "vocabulary": sampler.vocabulary,
+                    "min_confidence": sampler.min_confidence}
+        sweep: dict[str, float] = {}
+    else:
+        defaults, sweep = choose_defaults(bundle, datasets, all_sources, log)
     results, results_rest = {}, {}
     for dataset, sources in zip(datasets, all_sources):
         results[dataset.name], results_rest[dataset.name] = evaluate_dataset(bundle, dataset, sources, defaults)
@@ -275,6 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"datasets": {d.name: {"images": len(d.scenes),
                                      "megapixels": round(sum(s.labels.size for s in d.scenes) / 1e6, 1),
                                      "selection_images": [d.scenes[i].name for i in d.selection]} for d in datasets},
+               "precision": resolve_precision(bundle.precision, device),
                "defaults": defaults, "selection_sweep": sweep, "step_tolerance": STEP_TOLERANCE,
                "results": results, "results_outside_selection": results_rest}
     if args.json:
@@ -284,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
         first = datasets[-1] if task == "buildings" else datasets[0]
         draw_figure(args.figure, first.scenes, all_sources[datasets.index(first)]["bundled CNN segmenter"],
                     bundle, defaults, card)
-    if not args.no_update:
+    if not args.no_update and not args.card_defaults:
         card.sampler = replace(card.sampler, **defaults)
         card.metrics = {
             "validation": {"datasets": summary["datasets"], "defaults": defaults},

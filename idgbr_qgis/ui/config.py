@@ -31,7 +31,6 @@ KEY_OUTPUT_DIR = "idgbr/output_dir"
 KEY_PRECISION = "idgbr/precision"  # of the networks; empty: the device's default
 KEY_PIXEL_SIZE = "idgbr/pixel_size"  # the input's metres per pixel; 0: from the layer's CRS
 KEY_INDEX_URL = "idgbr/index_url"  # the package index of the backend setup; empty: PyTorch's, then pip's
-MAX_PIXEL_SIZE = MAX_PIXEL_SIZE_M  # the backend refuses coarser rasters
 
 # Devices, precisions, the default model and the ranges come from ..limits (the backend's, mirrored).
 MODEL_DEFAULT = MIN_STEPS - 1  # steps: one below the smallest is "take the model card's value"
@@ -157,7 +156,7 @@ class UserSettings:
             show_confidence=_bool(s.value(KEY_SHOW_CONFIDENCE, False)),
             show_changes=_bool(s.value(KEY_SHOW_CHANGES, False)),
             output_dir=str(s.value(KEY_OUTPUT_DIR, "") or ""),
-            pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE),
+            pixel_size=_float(s.value(KEY_PIXEL_SIZE, 0.0), 0.0, MAX_PIXEL_SIZE_M),
             precision=precision if precision in PRECISIONS else PRECISION_DEFAULT,
             index_url=str(s.value(KEY_INDEX_URL, "") or "").strip(),
         )

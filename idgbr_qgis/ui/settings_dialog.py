@@ -129,7 +129,7 @@ class SettingsDialog(QDialog):
         self.pixelSizeSpin = QgsDoubleSpinBox(self)
         self.pixelSizeSpin.setDecimals(3)
         self.pixelSizeSpin.setSingleStep(0.05)
-        self.pixelSizeSpin.setRange(0.0, config.MAX_PIXEL_SIZE)
+        self.pixelSizeSpin.setRange(0.0, config.MAX_PIXEL_SIZE_M)
         self.pixelSizeSpin.setSuffix(tr(" m"))
         self.pixelSizeSpin.setSpecialValueText(tr("From the layer's CRS"))
         self.pixelSizeSpin.setClearValue(0.0)
