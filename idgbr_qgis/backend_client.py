@@ -34,6 +34,7 @@ STATE_FILE = "service.json"
 TOKEN_FILE = "service.token"
 LOG_FILE = "service.log"
 LOCK_FILE = "start.lock"
+EXIT_GRACE_S = 1.0  # how long a service whose connection broke may take to be reported as exited
 HOST = "127.0.0.1"
 SERVE_MODULE = "idgbr"  # spawned as `python -m idgbr serve ...`
 DEFAULT_IDLE_TIMEOUT = 2 * 3600.0  # a service left behind (QGIS crashed) frees its memory after two idle hours
@@ -333,6 +334,10 @@ class BackendClient:
                             parameter=parameter, detail=detail)
 
     def _gone(self, exc: BaseException) -> ServiceGone:
+        if self.process is not None:
+            # A killed service resets its connections a moment before the system reports its exit.
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout=EXIT_GRACE_S)
         if self.process is not None and self.process.poll() is not None:
             what = f"the backend service stopped ({_describe_exit(self.process.returncode)})"
         else:
