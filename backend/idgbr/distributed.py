@@ -484,8 +484,7 @@ class DaskPasses:
         tiles = TileGrid(height, width, config.tile, config.overlap, self.multiple)
         refining, model_coarse = config.mode == "refine", coarse is None
         blocks = column_blocks(tiles, config.max_block_width, refining and model_coarse)
-        rows = part_rows(tiles, self.cluster.slots(), len(blocks))
-        parts = [(span, b) for span in rows for b in range(len(blocks))]
+        parts = [(span, b) for span in part_rows(tiles, self.cluster.slots(), len(blocks)) for b in range(len(blocks))]
         units = [work_units(tiles, [blocks[b]], *rows, refining, model_coarse, config.steps) for rows, b in parts]
         total_units = max(1.0, sum(units))
         stats = EngineStats(tile_shape=(tiles.tile_h, tiles.tile_w))

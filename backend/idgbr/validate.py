@@ -260,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     device = select_device("auto")
     bundle = build_bundle(tensors, card, device, args.model)
     bundle.precision = check_precision(args.precision)
-    log(f"networks at {resolve_precision(bundle.precision, device)}")
+    precision = resolve_precision(bundle.precision, device)
+    log(f"networks at {precision}")
     task = binary_task(card)
     foreground = BINARY_TASKS[task] if task else None
     task_name = "multiclass" if task is None else "binary"
@@ -290,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = {"datasets": {d.name: {"images": len(d.scenes),
                                      "megapixels": round(sum(s.labels.size for s in d.scenes) / 1e6, 1),
                                      "selection_images": [d.scenes[i].name for i in d.selection]} for d in datasets},
-               "precision": resolve_precision(bundle.precision, device),
+               "precision": precision,
                "defaults": defaults, "selection_sweep": sweep, "step_tolerance": STEP_TOLERANCE,
                "results": results, "results_outside_selection": results_rest}
     if args.json:
