@@ -269,7 +269,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
             "weights": f"moving average (decay {EMA_DECAY})",
             "coarse_sources": source_names,
             "synthetic_errors": "blocky 4-32 px, smoothing, warp 2-16 px, shift 2-12 px, erosion/dilation, "
-                                "lost thin structures, spurious blobs (1-3 at once)",
+                                "lost thin structures, spurious blobs (1-3 at once); a quarter of batches "
+                                "only a mild warp of 2-5 px",
             "augmentation": "scale 0.5-2.5x (log-uniform), rotations, flips, strong photometric"}
 
     def save() -> None:

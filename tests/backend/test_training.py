@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from idgbr.checkpoint import load_checkpoint
-from idgbr.degrade import DEGRADATIONS, random_degradation
+from idgbr.degrade import DEGRADATIONS, mild_displacement, random_degradation
 from idgbr.model_bundle import load_bundle
 from idgbr.refiner_training import STATE_SUFFIX, RefinerRun, train_refiner
 from idgbr.train import train_coarse
@@ -104,6 +104,22 @@ def test_degradations_change_maps_but_keep_valid_ids():
         assert out.shape == truth.shape and int(out.min()) >= 0 and int(out.max()) < 5
     changed = [bool((random_degradation(truth, 5, generator) != truth).any()) for _ in range(10)]
     assert sum(changed) >= 8
+
+
+def test_mild_displacement_only_moves_boundaries_a_few_pixels():
+    """The good-model case the refiner must learn to keep: boundaries move by at most 5 px, no region is
+    created or lost."""
+    truth = torch.zeros(4, 96, 96, dtype=torch.long)
+    truth[:, 20:60, 10:70] = 3
+    truth[:, :, 80:] = 2
+    generator = torch.Generator().manual_seed(1)
+    mild = mild_displacement(truth, 5, generator)
+    assert (mild != truth).any()
+    # Every changed pixel has, within 5 px, a pixel of the class it took in the truth.
+    for klass in (0, 2, 3):
+        near = torch.nn.functional.max_pool2d((truth == klass).float()[:, None], 11, 1, 5)[:, 0] > 0
+        assert bool(near[(mild != truth) & (mild == klass)].all())
+    assert set(mild.unique().tolist()) == {0, 2, 3}
 
 
 def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path, tmp_path: Path):
