@@ -214,7 +214,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                         help="number format of the networks: auto takes bf16 on CPUs with AMX or AVX512-BF16 "
                              "(faster; changes a few pixels), bf16 or fp16 on CUDA GPUs, else fp32; fp16 is for "
                              "GPUs only. The refiner's rules, blending and the confidence gate always work in fp32 "
-                             "(default: auto on CUDA GPUs, fp32 elsewhere)")
+                             "(default: auto)")
     parser.add_argument("--bands", metavar="1,2,3",
                         help="input band numbers (1-based) in the model's band order (default: the card's)")
     parser.add_argument("--tile", type=int, metavar="N",

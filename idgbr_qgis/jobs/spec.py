@@ -31,7 +31,7 @@ def precision_choices() -> List[Tuple[Optional[str], str]]:
     """(job field, label) of each precision a user can pick; None is the device's default."""
     labels = {"auto": tr("auto (bf16 on CPUs with bf16 units, half on GPUs)"), "fp32": tr("fp32"),
               "bf16": tr("bf16 (faster on CPUs with AMX or AVX512-BF16)"), "fp16": tr("fp16 (NVIDIA GPUs only)")}
-    return [(None, tr("Device default (fp32 on CPUs, half on GPUs)"))] + [(p, labels.get(p, p)) for p in PRECISIONS]
+    return [(None, tr("Default (auto)"))] + [(p, labels.get(p, p)) for p in PRECISIONS]
 
 
 @dataclass

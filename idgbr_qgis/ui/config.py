@@ -34,7 +34,7 @@ KEY_INDEX_URL = "idgbr/index_url"  # the package index of the backend setup; emp
 
 # Devices, precisions, the default model and the ranges come from ..limits (the backend's, mirrored).
 MODEL_DEFAULT = MIN_STEPS - 1  # steps: one below the smallest is "take the model card's value"
-PRECISION_DEFAULT = ""  # the device's default: fp32 on CPUs, a half type on CUDA GPUs
+PRECISION_DEFAULT = ""  # the default: auto (bf16 on CPUs with bf16 units, half on GPUs, else fp32)
 # Band and vocabulary (px): -1 switches a rule off, so "the model card's value" is one below.
 RULE_DEFAULT = -2
 RULE_OFF = -1

@@ -18,6 +18,7 @@ from idgbr.errors import Cancelled, IdgbrError
 from idgbr.models.constraints import allowed_classes, constrain_logits
 from idgbr.models.diffusion import position_noise
 from idgbr.pipeline import RunOptions, run
+from idgbr.precision import cpu_has_bf16
 from idgbr.raster.windows import TileGrid, axis_layout, column_blocks, ramp_weights
 
 CLASSES = [{"id": 0, "name": "dark", "color": "#000080"}, {"id": 1, "name": "mid", "color": "#00FF00"},
@@ -490,7 +491,7 @@ def test_precision_reaches_the_networks_the_tags_and_the_notes(fake, raster_writ
     with rasterio.open(out) as dst:
         assert dst.tags()["IDGBR_PRECISION"] == "bf16"
     default = run(RunOptions(input=src, output=tmp_path / "d.tif", coarse=coarse, tile=64, overlap=16))
-    assert default.precision == "fp32"  # on the CPU, bf16 is chosen, never assumed
+    assert default.precision == ("bf16" if cpu_has_bf16() else "fp32")  # the default is auto
 
 
 @pytest.mark.parametrize("precision, message", [

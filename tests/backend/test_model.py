@@ -148,6 +148,7 @@ def test_noise_depends_only_on_raster_position():
 
 def test_same_seed_gives_the_same_map_whatever_the_batch(bundled_model):
     bundle = load_bundle(bundled_model, device="cpu")
+    bundle.precision = "fp32"  # bf16 kernels round differently with the batch size
     images = bundle.normalize(torch.rand(2, 3, 64, 64).numpy() * 255)
     ids = torch.randint(0, bundle.num_classes, (2, 64, 64))
     ids[:, :, :32] = 0

@@ -24,7 +24,7 @@ def test_auto_takes_bf16_only_on_cpus_with_bf16_units(monkeypatch, bf16_units):
     monkeypatch.setattr(precision, "cpu_has_bf16", lambda: bf16_units)
     assert resolve_precision("auto", CPU) == ("bf16" if bf16_units else "fp32")
     assert resolve_precision(" AUTO ", CPU) == resolve_precision("auto", CPU)
-    assert resolve_precision(None, CPU) == "fp32"  # the default on a CPU
+    assert resolve_precision(None, CPU) == resolve_precision("auto", CPU)  # auto is the default
     assert resolve_precision("bf16", CPU) == "bf16" and resolve_precision("fp32", CPU) == "fp32"
     assert resolve_precision("auto", MPS) == "fp32"
 

@@ -112,7 +112,7 @@ class JobRequest(BaseModel):
     steps: Optional[int] = Field(None, ge=MIN_STEPS, le=MAX_STEPS)
     device: str = Field("auto", description="one of " + ", ".join(DEVICES))
     precision: Optional[str] = Field(None, description="of the networks: one of " + ", ".join(PRECISIONS)
-                                                       + "; null: the device's default (fp32 on CPUs)")
+                                                       + "; null: auto")
     bands: Optional[List[Annotated[int, Field(ge=1, le=65535)]]] = Field(None, min_length=1, max_length=64)
     extent: Optional[List[Coordinate]] = Field(None, min_length=4, max_length=4,
                                                description="xmin, ymin, xmax, ymax in extent_crs")
