@@ -35,7 +35,7 @@ import torch
 from .card import ModelCard, Sampler
 from .checkpoint import load_checkpoint, save_checkpoint, split_state
 from .data import BINARY_TASKS, CropSampler, Scene, load_accra, load_scenes, normalize
-from .degrade import random_degradation
+from .degrade import MILD_SHARE, random_degradation
 from .errors import IdgbrError
 from .model_bundle import build_bundle, select_device
 from .models.refiner import Refiner, RefinerConfig
@@ -269,7 +269,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
             "weights": f"moving average (decay {EMA_DECAY})",
             "coarse_sources": source_names,
             "synthetic_errors": "blocky 4-32 px, smoothing, warp 2-16 px, shift 2-12 px, erosion/dilation, "
-                                "lost thin structures, spurious blobs (1-3 at once); a quarter of batches "
+                                f"lost thin structures, spurious blobs (1-3 at once); {MILD_SHARE:.0%} of batches "
                                 "only a mild warp of 2-5 px",
             "augmentation": "scale 0.5-2.5x (log-uniform), rotations, flips, strong photometric"}
 
