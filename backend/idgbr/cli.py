@@ -237,8 +237,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, refine: bool) -> None:
                                  "never invented or erased; off lifts the rule "
                                  f"({_default_text(sampler, 'vocabulary', ' px')})")
         parser.add_argument("--min-confidence", metavar="P",
-                            help="a pixel takes the refiner's class only where its probability is at least P, "
-                                 "else it keeps the coarse class; 0 switches the gate off, 1 keeps the coarse map "
+                            help="a pixel takes the refiner's class only where the refiner prefers it over the "
+                                 "coarse class with a probability of at least P (the two weighed against each "
+                                 "other), else it keeps the coarse class; 0.5 or less lets every preferred change "
+                                 "through, 1 keeps the coarse map "
                                  f"({_default_text(sampler, 'min_confidence')})")
         parser.add_argument("--seed", type=int, default=0, metavar="N",
                             help="seed of the diffusion noise; results are reproducible per seed (default 0)")

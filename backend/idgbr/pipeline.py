@@ -72,7 +72,7 @@ class RunOptions:
     overlap: int | None = None
     band: int | None = None  # refine: change only within this many px of a coarse boundary; -1 off; None card
     vocabulary: int | None = None  # refine: only classes the coarse map has within this many px; -1 off; None card
-    min_confidence: float | None = None  # refine: keep a change only at this probability (0 off); None card
+    min_confidence: float | None = None  # refine: keep a change only at this preference; None: card
     confidence: Path | None = None  # refine: also write the float32 confidence GeoTIFF here
     seed: int = 0
     pixel_size: float | None = None  # INPUT's metres per pixel; None -> from its georeference (idgbr.resolution)

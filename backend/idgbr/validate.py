@@ -41,10 +41,10 @@ from .train import pad_to_multiple, predict_scene
 
 STEP_CHOICES = (1, 2)  # each further step costs 42 GFLOP/MP more; 3+ are not swept (validation time)
 BAND_CHOICES = (4, 8, 16)  # the vocabulary radius equals the band
-# Below 0.5 the gate lets through changes the refiner itself finds less likely than the coarse class.
-CONFIDENCE_CHOICES = (0.5, 0.6, 0.7, 0.8, 0.9)
+# The gate weighs the new class against the coarse class: 0.5 lets every change the refiner prefers through.
+CONFIDENCE_CHOICES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
 STEP_TOLERANCE = 0.005  # fewer steps are preferred unless more steps gain more than this
-MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this
+MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this (a constraint of the selection)
 
 
 @dataclass
@@ -154,10 +154,35 @@ def selection_score(result: dict, base: dict) -> float:
         + d_miou - penalty
 
 
+@dataclass
+class OperatingPoint:
+    """How one sampler setting did on the selection images: the mean selection score over every dataset and
+    coarse source, and the mIoU change of the source that fared worst."""
+    score: float
+    worst_miou: float
+
+    @property
+    def harmless(self) -> bool:
+        return self.worst_miou >= MIOU_FLOOR
+
+
+def best_point(points: dict, log) -> tuple:
+    """The key of the highest mean score among the settings that keep every source above the mIoU floor.
+
+    A mean alone let large gains on blocky maps pay for losses on maps that were already good (displaced
+    boundaries): the floor is the bar for each source, so it is a constraint, not a term of the average.
+    When no setting meets it, the least harmful one is taken (and the log says so)."""
+    harmless = {key: point for key, point in points.items() if point.harmless}
+    if harmless:
+        return max(harmless, key=lambda key: harmless[key].score)
+    log(f"  no setting keeps every source's mIoU change above {MIOU_FLOOR}; taking the least harmful")
+    return max(points, key=lambda key: points[key].worst_miou)
+
+
 def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict], log) -> tuple[dict, dict]:
     """Pick the steps (at a middle band and gate), then band and minimum confidence together (they trade
-    against each other: a wide band needs a stricter gate), by the mean selection score over every dataset
-    and coarse source on the selection images.
+    against each other: a wide band needs a stricter gate): the best mean selection score over every dataset
+    and coarse source on the selection images, among the settings where no source loses mIoU beyond the bar.
 
     Each step count is sampled once with the widest band; narrower bands and the gate are applied to its
     logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
@@ -170,8 +195,8 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
             base = score_maps(coarse, dataset.scenes, k, names, None, dataset.selection)
             cases.append((dataset, coarse, base, {}))
 
-    def mean_score(steps: int, band: int, conf: float) -> float:
-        values = []
+    def evaluate(steps: int, band: int, conf: float) -> OperatingPoint:
+        values, miou_changes = [], []
         for dataset, coarse, base, logits in cases:
             if steps not in logits:
                 logits[steps] = {i: refine_logits(bundle, dataset.scenes[i].image, coarse[i], steps, widest)
@@ -182,24 +207,25 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
             # Only the selection's maps are set, and only those are scored.
             scores = score_maps(cast("list[np.ndarray]", preds), dataset.scenes, k, names, None, dataset.selection)
             values.append(selection_score(scores, base))
-        return float(np.mean(values))
+            miou_changes.append(scores["miou"] - base["miou"])
+        return OperatingPoint(float(np.mean(values)), float(min(miou_changes)))
 
-    sweep: dict[str, float] = {}
+    sweep: dict[str, dict[str, float]] = {}
+
+    def record(key: str, point: OperatingPoint) -> OperatingPoint:
+        sweep[key] = {"score": round(point.score, 4), "worst_miou": round(point.worst_miou, 4)}
+        log(f"  {key}: score {point.score:+.4f}, worst ΔmIoU {point.worst_miou:+.4f}")
+        return point
+
     steps, band, conf = 2, 8, 0.5
-
-    def record(key: str, value: float) -> float:
-        sweep[key] = round(value, 4)
-        log(f"  {key}: {value:+.4f}")
-        return value
-
-    by_steps = {s: record(f"steps={s} band={band} min_confidence={conf}", mean_score(s, band, conf))
+    by_steps = {s: record(f"steps={s} band={band} min_confidence={conf}", evaluate(s, band, conf))
                 for s in STEP_CHOICES}
-    best = max(by_steps.values())
-    steps = min(s for s, v in by_steps.items() if v >= best - STEP_TOLERANCE)
+    best = max(point.score for point in by_steps.values())
+    steps = min(s for s, point in by_steps.items() if point.score >= best - STEP_TOLERANCE)
     joint = {(b, c): (by_steps[steps] if (b, c) == (band, conf) else
-                      record(f"steps={steps} band={b} min_confidence={c}", mean_score(steps, b, c)))
+                      record(f"steps={steps} band={b} min_confidence={c}", evaluate(steps, b, c)))
              for b in BAND_CHOICES for c in CONFIDENCE_CHOICES}
-    band, conf = max(joint, key=joint.__getitem__)
+    band, conf = best_point(joint, log)
     log(f"defaults: steps={steps} band=vocabulary={band} min_confidence={conf}")
     return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
 
@@ -234,7 +260,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/dubai-aerial"))
     parser.add_argument("--accra", type=Path, default=None, help="the accra-buildings folder (building models)")
     parser.add_argument("--tile", default="tile8", help="held-out Dubai tile")
-    parser.add_argument("--select-parts", default="1,2", help="parts of the tile used to pick the defaults")
+    parser.add_argument("--select-parts", default="1,2,3,4",
+                        help="parts of the tile used to pick the defaults (enough that a per-source mIoU floor holds "
+                             "beyond them)")
     parser.add_argument("--max-images", type=int, default=0, help="quick check: only this many images")
     parser.add_argument("--second-model", type=Path,
                         help="a multiclass coarse model of another architecture (e.g. the FCN) whose maps are refined")

@@ -153,9 +153,10 @@ class IdgbrAlgorithm(QgsProcessingAlgorithm):
                                                                            "(optional, 0-1)"),
                                                    QgsProcessingParameterNumber.Double, optional=True,
                                                    minValue=0.0, maxValue=1.0),
-                      tr("A pixel takes the refiner's class only where the refiner's probability of it is at least "
-                         "this; elsewhere it keeps the coarse class. 0 switches the gate off, 1 keeps the coarse "
-                         "map. Empty: the model's default."), advanced=True)
+                      tr("A pixel takes the refiner's class only where the refiner prefers it over the coarse "
+                         "class with at least this probability (the two weighed against each other); elsewhere it "
+                         "keeps the coarse class. 0.5 or less lets every preferred change through, 1 keeps the "
+                         "coarse map. Empty: the model's default."), advanced=True)
         self._add(QgsProcessingParameterNumber(self.PIXEL_SIZE, tr("Input pixel size in metres (0 = from the "
                                                                    "layer's CRS)"),
                                                QgsProcessingParameterNumber.Double, defaultValue=0.0,

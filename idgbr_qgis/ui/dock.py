@@ -203,9 +203,10 @@ class IdgbrDock(QgsDockWidget):
         self.minConfidenceSpin.setRange(config.CONFIDENCE_DEFAULT, 1.0)
         self.minConfidenceSpin.setSpecialValueText(tr("Model default"))
         self.minConfidenceSpin.setClearValue(config.CONFIDENCE_DEFAULT)
-        self.minConfidenceSpin.setToolTip(tr("A pixel takes the refiner's class only where the refiner is at least "
-                                             "this sure (0-1); elsewhere it keeps the coarse class. 0 switches the "
-                                             "gate off, 1 keeps the coarse map."))
+        self.minConfidenceSpin.setToolTip(tr("A pixel takes the refiner's class only where the refiner prefers it "
+                                             "over the coarse class with at least this probability (0-1); elsewhere "
+                                             "it keeps the coarse class. 0.5 or less lets every preferred change "
+                                             "through, 1 keeps the coarse map."))
         params.addRow(tr("Min. confidence"), self.minConfidenceSpin)
         self.showConfidenceCheck = QCheckBox(tr("Show confidence"), body)
         self.showConfidenceCheck.setToolTip(tr("Also add the refiner's confidence to the result group: red where "

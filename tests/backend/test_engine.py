@@ -326,10 +326,15 @@ def test_the_confidence_gate_keeps_the_coarse_class_where_the_refiner_is_unsure(
     common = dict(input=src, coarse=coarse, tile=64, overlap=16, band=-1, vocabulary=-1)
     run(RunOptions(output=tmp_path / "free.tif", confidence=tmp_path / "free_conf.tif", **common))
     run(RunOptions(output=tmp_path / "gated.tif", min_confidence=0.6, **common))
+    # A gate of 1 keeps every coarse class, so its confidence output is the refiner's probability of it.
+    run(RunOptions(output=tmp_path / "kept.tif", confidence=tmp_path / "coarse_conf.tif", min_confidence=1.0,
+                   **common))
     free, gated = read(tmp_path / "free.tif"), read(tmp_path / "gated.tif")
-    confidence = read(tmp_path / "free_conf.tif")
+    np.testing.assert_array_equal(read(tmp_path / "kept.tif"), ids)
+    new_prob, coarse_prob = read(tmp_path / "free_conf.tif"), read(tmp_path / "coarse_conf.tif")
     changed = free != ids
-    sure = confidence >= 0.6
+    # The gate weighs the new class against the coarse class only.
+    sure = new_prob / (new_prob + coarse_prob) >= 0.6
     np.testing.assert_array_equal(gated[changed & sure], free[changed & sure])
     np.testing.assert_array_equal(gated[changed & ~sure], ids[changed & ~sure])
     assert (changed & sure).any() and (changed & ~sure).any(), "the fake refiner should give both cases"

@@ -128,6 +128,18 @@ def test_confidence_gate_keeps_the_coarse_class_where_the_refiner_is_unsure():
     assert ids_off.tolist() == [[[1, 1, 0]]]
 
 
+def test_confidence_gate_weighs_the_new_class_against_the_coarse_class_only():
+    """With three classes the gate asks "new or coarse?": mass on a third class does not block a change that
+    the refiner clearly prefers over the coarse class, nor lets through one it barely prefers."""
+    coarse = torch.zeros(1, 1, 2, dtype=torch.long)
+    # pixel 0: p = (0.10, 0.45, 0.45) ties 1 and 2, both far above coarse 0: 0.45 / 0.55 = 0.82 >= 0.7 changes;
+    # pixel 1: p = (0.36, 0.40, 0.24): 0.40 / 0.76 = 0.53 < 0.7 keeps the coarse class.
+    probs = torch.tensor([[0.10, 0.45, 0.45], [0.36, 0.40, 0.24]]).T.reshape(1, 3, 1, 2)
+    ids, confidence = gate_changes(probs.log(), coarse, min_confidence=0.7)
+    assert ids[0, 0, 0] != 0 and ids[0, 0, 1] == 0
+    assert torch.allclose(confidence[0, 0, 1], torch.tensor(0.36))
+
+
 def test_refiner_loss_is_finite_and_trainable():
     refiner = Refiner(RefinerConfig(num_classes=2))
     truth = _striped_ids().repeat(2, 1, 1)
@@ -179,3 +191,18 @@ def test_one_step_rules_applied_after_sampling_give_the_same_map(bundled_model):
     for band in (0, 4, 8):
         direct = decide(refine_logits(bundle, image, coarse, 1, band), coarse, band, 0.6)
         assert np.array_equal(decide(widest, coarse, band, 0.6), direct)
+
+
+def test_selection_never_trades_one_sources_mIoU_loss_for_gains_elsewhere():
+    """A setting whose mean score is best but which costs one coarse source more mIoU than the bar allows is
+    passed over for the best setting that harms no source; when every setting harms one, the least harmful."""
+    from idgbr.validate import MIOU_FLOOR, OperatingPoint, best_point
+
+    points = {(16, 0.5): OperatingPoint(score=0.30, worst_miou=-0.025),
+              (16, 0.7): OperatingPoint(score=0.21, worst_miou=+0.009),
+              (8, 0.7): OperatingPoint(score=0.20, worst_miou=+0.010)}
+    assert best_point(points, print) == (16, 0.7)
+    notes: list[str] = []
+    harmful = {(16, 0.5): OperatingPoint(0.30, -0.030), (8, 0.9): OperatingPoint(0.05, -0.008)}
+    assert best_point(harmful, notes.append) == (8, 0.9)
+    assert notes and str(MIOU_FLOOR) in notes[0]

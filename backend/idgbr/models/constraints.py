@@ -4,8 +4,9 @@ Boundary refinement moves boundaries; it does not re-segment. Three rules, each 
 - **band**: a pixel may change only within ``band`` px (Chebyshev distance) of a coarse class boundary;
 - **vocabulary**: a pixel may only take a class that the coarse map has within ``vocabulary`` px, so regions
   are never invented or erased;
-- **confidence**: a change is kept only where the refiner's probability of the new class is at least
-  ``min_confidence``; elsewhere the coarse class stays.
+- **confidence**: a change is kept only where the refiner prefers the new class over the coarse class with a
+  probability of at least ``min_confidence`` (the two classes' probabilities renormalised between them);
+  elsewhere the coarse class stays.
 
 The first two shape the logits at every sampler step (so later steps start from a legal map); the third
 is a decision on the final, blended probabilities (``gate_changes``).
@@ -109,13 +110,19 @@ def gate_changes(log_probs: torch.Tensor, coarse_ids: torch.Tensor, min_confiden
     """Final decision from (B, K, H, W) log-probabilities (or unnormalised logits).
 
     Returns ids (B, H, W) and the confidence (B, H, W): the refiner's probability of the class written.
-    A pixel takes the refiner's class only where that class's probability reaches ``min_confidence``;
-    otherwise it keeps the coarse class (and reports the refiner's probability of it).
+    A pixel takes the refiner's class only where the refiner prefers it over the coarse class with at least
+    ``min_confidence``: p(new) / (p(new) + p(coarse)). Otherwise it keeps the coarse class (and reports the
+    refiner's probability of it). The question asked is "new class or coarse class?": probability that the
+    refiner gives to a third class is no evidence for either, so it neither blocks nor allows a change. In a
+    binary task this is the new class's probability itself; 0.5 and below let every preferred change through.
     """
     probs = torch.softmax(log_probs.float(), dim=1)
     best_prob, best = probs.max(dim=1)
     coarse = coarse_ids.clamp(0, log_probs.shape[1] - 1)
-    keep_coarse = (best != coarse) & (best_prob < min_confidence)
+    coarse_prob = probs.gather(1, coarse[:, None])[:, 0]
+    # best_prob is the largest probability, so the sum is positive (softmax of finite logits).
+    preference = best_prob / (best_prob + coarse_prob)
+    keep_coarse = (best != coarse) & (preference < min_confidence)
     ids = torch.where(keep_coarse, coarse, best)
     confidence = probs.gather(1, ids[:, None])[:, 0]
     return ids, confidence

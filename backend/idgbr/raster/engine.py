@@ -23,7 +23,8 @@ near-one-hot distribution instead: the two must be on one scale to blend.
 
 The refiner's band and vocabulary rules act inside the sampler (``bundle.refine``); the confidence gate acts
 here, on the blended distribution of each final row (``constraints.gate_changes``): a pixel takes the
-refiner's class only where its probability reaches ``min_confidence``, else it keeps the coarse class. The
+refiner's class only where the refiner prefers it over the coarse class with at least ``min_confidence``,
+else it keeps the coarse class. The
 optional confidence output is the probability of the class written (1.0 where only boundary-free tiles,
 which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class output is nodata). The networks
 may run in half precision (``EngineConfig.precision``); log-probabilities, blending and the gate are float32.
@@ -72,7 +73,7 @@ class EngineConfig:
     seed: int
     band: int = -1  # the refiner may change pixels only within this many px of a coarse boundary; -1: off
     vocabulary: int = -1  # ... only to classes the coarse map has within this many px; -1: off
-    min_confidence: float = 0.0  # ... only where the new class's probability reaches this; 0: off, 1: never
+    min_confidence: float = 0.0  # ... only where the new class is preferred with this; <= 0.5: off, 1: never
     max_block_width: int = 8192
     precision: str = "fp32"  # of the networks: fp32, bf16 or fp16 (idgbr.precision)
     io_thread: bool = True  # reads and writes on a background thread (False: in the engine's own thread)

@@ -127,9 +127,11 @@ class JobRequest(BaseModel):
                                       description="refine: a pixel may only take a class the coarse map has within "
                                                   "this many px; -1 switches the rule off; null: the card's default")
     min_confidence: Optional[float] = Field(None, ge=0.0, le=1.0, allow_inf_nan=False,
-                                            description="refine: a pixel takes the refiner's class only where its "
-                                                        "probability reaches this, else it keeps the coarse class; "
-                                                        "0 switches the gate off; null: the card's default")
+                                            description="refine: a pixel takes the refiner's class only where the "
+                                                        "refiner prefers it over the coarse class with at least "
+                                                        "this probability, else it keeps the coarse class; 0.5 or "
+                                                        "less lets every preferred change through; null: the "
+                                                        "card's default")
     confidence: Optional[PathText] = Field(None, description="refine: absolute path of a float32 GeoTIFF (.tif) "
                                                              "to write the refiner's probability of each written "
                                                              "class to (-1 where the output is nodata)")
