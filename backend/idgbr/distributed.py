@@ -451,6 +451,11 @@ class Cluster:
                 raise IdgbrError(f"Lost {self.where} while running {what} ({type(exc).__name__}: {exc}); "
                                  "nothing was written. Check the scheduler and run again.") from exc
             except Exception as exc:  # noqa: BLE001 - a task's own error after its retries
+                if getattr(future, "status", None) == "cancelled":
+                    # The scheduler dropped the task (e.g. it lost this client under load); some distributed
+                    # versions then raise an unrelated error from inside their own polling.
+                    raise IdgbrError(f"Lost {self.where} while running {what} (the scheduler cancelled the "
+                                     "task); nothing was written. Check the scheduler and run again.") from exc
                 raise IdgbrError(f"A worker failed running {what} ({type(exc).__name__}: {exc}); nothing was "
                                  "written.") from exc
 

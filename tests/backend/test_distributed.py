@@ -413,3 +413,17 @@ def test_batch_refuses_two_inputs_with_one_output_name(fake, crop_raster, tmp_pa
     assert main(["batch", str(a), str(b), "--output-dir", str(tmp_path / "out")]) == 1
     assert "would both be written to" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_task_the_scheduler_cancelled_is_reported_as_a_lost_scheduler():
+    """Some Dask versions answer a task the scheduler dropped with an unrelated error from their own polling
+    (UnboundLocalError); the user must read that the scheduler was lost, not that a worker failed."""
+    class DroppedTask:
+        status = "cancelled"
+
+        def result(self, timeout=None):
+            raise UnboundLocalError("cannot access local variable 'result'")
+
+    cluster = Cluster(scheduler="tcp://127.0.0.1:8786")
+    with pytest.raises(IdgbrError, match="Lost .*scheduler cancelled the task.*nothing was written"):
+        cluster.wait(DroppedTask(), None, "rows 0-63")
