@@ -436,6 +436,11 @@ class Cluster:
     def wait(self, future: Any, cancel: threading.Event | None, what: str) -> Any:
         """The result of ``future``, checking ``cancel`` meanwhile; a lost cause becomes an IdgbrError."""
         distributed = _distributed()
+
+        def lost(reason: str) -> IdgbrError:
+            return IdgbrError(f"Lost {self.where} while running {what} ({reason}); nothing was written. Check the "
+                              "scheduler and run again.")
+
         while True:
             if cancel is not None and cancel.is_set():
                 raise Cancelled("Cancelled; no output was written.")
@@ -448,14 +453,12 @@ class Cluster:
                                  "nothing was written. A worker may lack the memory for a part: give "
                                  "the workers more memory, or use fewer workers per computer.") from exc
             except (distributed.CancelledError, OSError) as exc:
-                raise IdgbrError(f"Lost {self.where} while running {what} ({type(exc).__name__}: {exc}); "
-                                 "nothing was written. Check the scheduler and run again.") from exc
+                raise lost(f"{type(exc).__name__}: {exc}") from exc
             except Exception as exc:  # noqa: BLE001 - a task's own error after its retries
                 if getattr(future, "status", None) == "cancelled":
                     # The scheduler dropped the task (e.g. it lost this client under load); some distributed
                     # versions then raise an unrelated error from inside their own polling.
-                    raise IdgbrError(f"Lost {self.where} while running {what} (the scheduler cancelled the "
-                                     "task); nothing was written. Check the scheduler and run again.") from exc
+                    raise lost("the scheduler cancelled the task") from exc
                 raise IdgbrError(f"A worker failed running {what} ({type(exc).__name__}: {exc}); nothing was "
                                  "written.") from exc
 

@@ -166,7 +166,7 @@ class OperatingPoint:
         return self.worst_miou >= MIOU_FLOOR
 
 
-def best_point(points: dict, log) -> tuple:
+def best_point(points: dict[tuple[int, float], OperatingPoint], log) -> tuple[int, float]:
     """The key of the highest mean score among the settings that keep every source above the mIoU floor.
 
     A mean alone let large gains on blocky maps pay for losses on maps that were already good (displaced
@@ -180,7 +180,7 @@ def best_point(points: dict, log) -> tuple:
 
 
 def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict], log) -> tuple[dict, dict]:
-    """Pick the steps (at a middle band and gate), then band and minimum confidence together (they trade
+    """Pick the steps (at a middle band, gate open), then band and minimum confidence together (they trade
     against each other: a wide band needs a stricter gate): the best mean selection score over every dataset
     and coarse source on the selection images, among the settings where no source loses mIoU beyond the bar.
 
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-update", action="store_true", help="do not write defaults and metrics into the model")
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--precision", default=None,
-                        help="of the networks (fp32, bf16, auto; default: the device's), e.g. to check that bf16 "
+                        help="of the networks (fp32, bf16, auto; default: auto), e.g. to check that bf16 "
                              "maps score as fp32 maps do")
     parser.add_argument("--card-defaults", action="store_true",
                         help="score with the model card's sampler defaults instead of choosing them again")

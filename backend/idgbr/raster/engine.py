@@ -24,10 +24,10 @@ near-one-hot distribution instead: the two must be on one scale to blend.
 The refiner's band and vocabulary rules act inside the sampler (``bundle.refine``); the confidence gate acts
 here, on the blended distribution of each final row (``constraints.gate_changes``): a pixel takes the
 refiner's class only where the refiner prefers it over the coarse class with at least ``min_confidence``,
-else it keeps the coarse class. The
-optional confidence output is the probability of the class written (1.0 where only boundary-free tiles,
-which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class output is nodata). The networks
-may run in half precision (``EngineConfig.precision``); log-probabilities, blending and the gate are float32.
+else it keeps the coarse class. The optional confidence output is the probability of the class written (1.0
+where only boundary-free tiles, which skip the refiner, cover a pixel; ``CONFIDENCE_NODATA`` where the class
+output is nodata). The networks may run in half precision (``EngineConfig.precision``); log-probabilities,
+blending and the gate are float32.
 """
 
 from __future__ import annotations
