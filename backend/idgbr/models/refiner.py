@@ -10,7 +10,7 @@ from torch import nn
 
 from .constraints import allowed_classes, constrain_logits, guard_band_mask
 from .denoiser import Denoiser
-from .diffusion import ddim_sample, mask_codes, q_sample
+from .diffusion import class_ids, ddim_sample, mask_codes, q_sample
 from .guidance import GuidanceNet
 
 REFINER_KIND = "idgbr-refiner/2"
@@ -80,7 +80,7 @@ class Refiner(nn.Module):
         with torch.no_grad():
             ones = torch.ones(batch, device=device)
             first = constrain_logits(self.denoiser(noise, ones, codes, [g.detach() for g in guidance]), allowed)
-            first_codes = mask_codes(first.argmax(1), k)
+            first_codes = mask_codes(class_ids(first), k)
         later = (torch.rand(batch, generator=generator) < 0.5).to(device)
         t = torch.where(later, 0.2 + 0.6 * torch.rand(batch, generator=generator).to(device), ones)
         fresh = torch.randn(codes.shape, generator=generator).to(device)
