@@ -72,3 +72,25 @@ def test_evaluate_command_reports_deltas(tmp_path):
     assert result["delta"]["boundary_f"] == pytest.approx(1.0)
     assert result["delta"]["miou"] > 0
     assert 0 < result["iou_imp"] <= 1
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (5, 3), (64, 97)])
+def test_boundaries_and_tolerance_bands_are_the_morphological_ones(shape):
+    """The fast boundary and distance sets are exactly erosion / disk dilation (the textbook definitions the
+    published BF and Boundary IoU scores use), at any image size, so scores stay comparable."""
+    from scipy import ndimage
+
+    from idgbr.metrics import _disk, _within, class_boundaries
+
+    rng = np.random.default_rng(sum(shape))
+    ids = rng.integers(0, 3, size=(max(1, shape[0] // 4), max(1, shape[1] // 4))).repeat(4, 0).repeat(4, 1)
+    ids = ids[: shape[0], : shape[1]]
+    ids[rng.random(ids.shape) < 0.05] = 2  # speckle: one-pixel regions
+    for cls in range(3):
+        region = ids == cls
+        eroded = ndimage.binary_erosion(region, structure=ndimage.generate_binary_structure(2, 1), border_value=1)
+        edges = class_boundaries(ids, cls)
+        assert np.array_equal(edges, region & ~eroded)
+        for distance in (1, 2, 3, 5):
+            expected = ndimage.binary_dilation(edges, structure=_disk(distance)) if edges.any() else edges
+            assert np.array_equal(_within(edges, distance), expected)
