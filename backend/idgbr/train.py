@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .card import ClassEntry, ModelCard, Normalization, Sampler
+from .card import DEFAULT_TILE, ClassEntry, ModelCard, Normalization, Sampler
 from .checkpoint import load_checkpoint, save_checkpoint, split_state
 from .classes import BUILDING_CLASSES, DUBAI_CLASSES, DUBAI_ROAD_ID, IGNORE_ID, ROAD_CLASSES
 from .data import CropSampler, Scene, channel_stats, load_accra, load_scenes, normalize
@@ -44,7 +44,7 @@ def base_card(name: str, task: str, mean: list[float], std: list[float], pixel_s
         bands=["red", "green", "blue"],
         bands_default=[1, 2, 3],
         normalization=Normalization(mean, std, "8-bit digital numbers"),
-        tile_size=512,
+        tile_size=DEFAULT_TILE,
         overlap=64,
         size_multiple=16,
         # The Dubai imagery states no ground sample distance; 0.5 m is the nominal value we assume.

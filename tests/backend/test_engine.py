@@ -510,3 +510,19 @@ def test_unusable_precisions_fail_before_writing(fake, crop_raster, tmp_path, pr
     assert failure.value.parameter == "precision"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.tif"]
     assert fake.segment_tiles == fake.refine_tiles == 0
+
+
+def test_larger_tiles_get_narrower_column_blocks_with_the_same_result(fake, crop_raster, tmp_path, monkeypatch):
+    """Blend memory is a few tile rows times a block's width: doubling the tile halves the block, and the map
+    is the same whichever way the raster is cut."""
+    assert pipeline.block_width(256) == pipeline.block_width(512) == pipeline.BLOCK_WIDTH
+    assert pipeline.block_width(1024) * 1024 == pipeline.BLOCK_WIDTH * 512
+    src = crop_raster(260, 120)
+    maps = []
+    for width in (512, 128):  # one block, then two (blocks are at least one 256 px output block wide)
+        monkeypatch.setattr(pipeline, "BLOCK_WIDTH", width)
+        out = tmp_path / f"out{width}.tif"
+        run(RunOptions(input=src, output=out, tile=96, overlap=16))
+        with rasterio.open(out) as dst:
+            maps.append(dst.read(1))
+    np.testing.assert_array_equal(maps[0], maps[1])
