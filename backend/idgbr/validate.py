@@ -44,7 +44,10 @@ BAND_CHOICES = (4, 8, 16)  # the vocabulary radius equals the band
 # The gate weighs the new class against the coarse class: 0.5 lets every change the refiner prefers through.
 CONFIDENCE_CHOICES = (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.9)
 STEP_TOLERANCE = 0.005  # fewer steps are preferred unless more steps gain more than this
-MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this (a constraint of the selection)
+MIOU_FLOOR = -0.005  # the bar: no coarse source may lose more mIoU than this
+# The selection's constraint: no loss at all on its few images, a margin under the bar. At the bar itself,
+# roads2's pick lost -0.004 on the selection images and -0.007 on the whole tile.
+SELECTION_MIOU_FLOOR = 0.0
 # The bar's boundary-F gains, per coarse source (the model card checks the same numbers).
 BF_TARGETS = {"bundled CNN segmenter": 0.03, "blocky (16-px blocks)": 0.10, "displaced boundaries (3-5 px)": 0.03}
 
@@ -167,12 +170,12 @@ class OperatingPoint:
 
     @property
     def harmless(self) -> bool:
-        return self.worst_miou >= MIOU_FLOOR
+        return self.worst_miou >= SELECTION_MIOU_FLOOR
 
 
 def best_point(points: dict[tuple[int, float], OperatingPoint], log) -> tuple[int, float]:
-    """The key of the best setting among those that keep every source above the mIoU floor: the one that
-    misses the fewest boundary-F targets, then the highest mean score.
+    """The key of the best setting among those where no source loses mIoU (SELECTION_MIOU_FLOOR): the one
+    that misses the fewest boundary-F targets, then the highest mean score.
 
     A mean alone let large gains on blocky maps pay for losses on maps that were already good (displaced
     boundaries): the bar holds for each source, so the floor is a constraint and the per-source gains come
@@ -180,7 +183,7 @@ def best_point(points: dict[tuple[int, float], OperatingPoint], log) -> tuple[in
     harmless = {key: point for key, point in points.items() if point.harmless}
     if harmless:
         return max(harmless, key=lambda key: (-harmless[key].bf_missed, harmless[key].score))
-    log(f"  no setting keeps every source's mIoU change above {MIOU_FLOOR}; taking the least harmful")
+    log(f"  no setting keeps every source's mIoU change above {SELECTION_MIOU_FLOOR}; taking the least harmful")
     return max(points, key=lambda key: points[key].worst_miou)
 
 

@@ -194,18 +194,20 @@ def test_one_step_rules_applied_after_sampling_give_the_same_map(bundled_model):
 
 
 def test_selection_never_trades_one_sources_mIoU_loss_for_gains_elsewhere():
-    """A setting whose mean score is best but which costs one coarse source more mIoU than the bar allows is
-    passed over for the best setting that harms no source; when every setting harms one, the least harmful."""
-    from idgbr.validate import MIOU_FLOOR, OperatingPoint, best_point
+    """A setting whose mean score is best but which costs one coarse source mIoU on the selection images (even
+    within the bar: the images are few) is passed over for the best setting that harms no source; when every
+    setting harms one, the least harmful."""
+    from idgbr.validate import SELECTION_MIOU_FLOOR, OperatingPoint, best_point
 
     points = {(16, 0.5): OperatingPoint(score=0.30, worst_miou=-0.025),
+              (16, 0.6): OperatingPoint(score=0.28, worst_miou=-0.004),  # within the bar, but no margin
               (16, 0.7): OperatingPoint(score=0.21, worst_miou=+0.009),
               (8, 0.7): OperatingPoint(score=0.20, worst_miou=+0.010)}
     assert best_point(points, print) == (16, 0.7)
     notes: list[str] = []
     harmful = {(16, 0.5): OperatingPoint(0.30, -0.030), (8, 0.9): OperatingPoint(0.05, -0.008)}
     assert best_point(harmful, notes.append) == (8, 0.9)
-    assert notes and str(MIOU_FLOOR) in notes[0]
+    assert notes and str(SELECTION_MIOU_FLOOR) in notes[0]
 
 
 def test_selection_meets_more_of_the_bar_before_it_scores_higher():
