@@ -130,8 +130,9 @@ class RunResult:
 
 def block_width(tile: int) -> int:
     """Column block width for ``tile`` px tiles: the blends a block holds are a few tile rows high and a block
-    wide, so larger tiles get narrower blocks. A 20,000 px wide raster peaked at 1.1 GB with 512 px tiles in
-    8192 px blocks, 1.8 GB with 1024 px tiles in 8192 px blocks and 1.4 GB in 4096 px blocks."""
+    wide, so larger tiles get narrower blocks. A 1024-row band of a 20,000 px wide raster peaked at 1.1 GB
+    (fp32) with 512 px tiles in 8192 px blocks and with 768 px tiles in 5461 px blocks; 1024 px tiles took
+    1.7 GB even in 4096 px blocks (a tile's activations grow with its area)."""
     return BLOCK_WIDTH * BLOCK_TILE // max(tile, BLOCK_TILE)
 
 
