@@ -25,14 +25,7 @@ from idgbr.checkpoint import read_card
 from idgbr.data import load_scenes
 from idgbr.metrics import Scores
 from idgbr.model_bundle import resolve_model_path
-
-
-def scene_task(model: str) -> str:
-    """The scenes' labelling for the model's classes: the 5 classes, or one foreground against the rest."""
-    card = read_card(resolve_model_path(model))
-    if card.task == "multiclass":
-        return "multiclass"
-    return "buildings" if any(c.name == "building" for c in card.classes) else "roads"
+from idgbr.validate import binary_task
 
 
 def write_image(image: np.ndarray, path: Path) -> None:
@@ -49,9 +42,9 @@ def main() -> int:
     parser.add_argument("--data", type=Path, default=Path("../shared/datasets/dubai-aerial"))
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
-    task = scene_task(args.model)
-    scenes = load_scenes(args.data, ["tile8"], task)
-    k = 5 if task == "multiclass" else 2
+    card = read_card(resolve_model_path(args.model))
+    scenes = load_scenes(args.data, ["tile8"], binary_task(card) or "multiclass")
+    k = card.num_classes
     idgbr = str(Path(sys.executable).with_name("idgbr"))
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
