@@ -138,26 +138,26 @@ def selection_section(summary: dict) -> list[str]:
     """How the defaults were chosen. Older summaries hold the mean score alone, later ones also the worst
     source's mIoU change, the newest also the number of boundary-F targets missed on the selection images."""
     sweep = summary["selection_sweep"]
-    score = ("score = ΔBF + ΔBoundary IoU + ΔmIoU, an mIoU loss beyond −0.005 counted ten times, mean over "
-             "datasets and coarse sources on the selection images")
-    if not sweep or not isinstance(next(iter(sweep.values())), dict):
-        return [f"Selection of the defaults ({score}; steps first, the fewest within "
-                f"{summary.get('step_tolerance')} of the best, then band and confidence together):", "",
-                "| setting | selection score |", "|---|---|", *[f"| {k} | {v:+.4f} |" for k, v in sweep.items()], ""]
-    if "bf_missed" not in next(iter(sweep.values())):
-        return [f"Selection of the defaults ({score}; steps first, the fewest within "
-                f"{summary.get('step_tolerance')} of the best, then band and confidence together, the best score "
-                "among the settings where no source's mIoU falls below −0.005):", "",
-                "| setting | selection score | worst source's ΔmIoU |", "|---|---|---|",
-                *[f"| {k} | {v['score']:+.4f} | {v['worst_miou']:+.4f} |" for k, v in sweep.items()], ""]
-    return [f"Selection of the defaults ({score}). For each step count, among the settings where no source "
-            "loses mIoU on the selection images (a margin under the bar's −0.005, as those images are few): the "
-            "fewest boundary-F targets of the bar missed (per dataset and source), "
-            "then the best score; then the fewest steps whose best setting is as harmless, misses no more "
-            f"targets and scores within {summary.get('step_tolerance')} of the best:", "",
-            "| setting | selection score | worst source's ΔmIoU | BF targets missed |", "|---|---|---|---|",
-            *[f"| {k} | {v['score']:+.4f} | {v['worst_miou']:+.4f} | {v['bf_missed']} |" for k, v in sweep.items()],
-            ""]
+    tolerance = summary.get("step_tolerance")
+    intro = ("Selection of the defaults (score = ΔBF + ΔBoundary IoU + ΔmIoU, an mIoU loss beyond −0.005 counted "
+             "ten times, mean over datasets and coarse sources on the selection images")
+    steps_first = f"; steps first, the fewest within {tolerance} of the best, then band and confidence together"
+    first = next(iter(sweep.values()), None)
+    if not isinstance(first, dict):
+        header, rows = ["| setting | selection score |", "|---|---|"], [f"| {k} | {v:+.4f} |" for k, v in sweep.items()]
+        return [f"{intro}{steps_first}):", "", *header, *rows, ""]
+    if "bf_missed" not in first:
+        header = ["| setting | selection score | worst source's ΔmIoU |", "|---|---|---|"]
+        rows = [f"| {k} | {v['score']:+.4f} | {v['worst_miou']:+.4f} |" for k, v in sweep.items()]
+        return [f"{intro}{steps_first}, the best score among the settings where no source's mIoU falls below "
+                "−0.005):", "", *header, *rows, ""]
+    header = ["| setting | selection score | worst source's ΔmIoU | BF targets missed |", "|---|---|---|---|"]
+    rows = [f"| {k} | {v['score']:+.4f} | {v['worst_miou']:+.4f} | {v['bf_missed']} |" for k, v in sweep.items()]
+    return [f"{intro}). For each step count, among the settings where no source loses mIoU on the selection "
+            "images (a margin under the bar's −0.005, as those images are few): the fewest boundary-F targets of "
+            "the bar missed (per dataset and source), then the best score; then the fewest steps whose best "
+            f"setting is as harmless, misses no more targets and scores within {tolerance} of the best:", "",
+            *header, *rows, ""]
 
 
 def native_section(name: str, native: dict) -> list[str]:
