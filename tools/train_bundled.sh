@@ -12,7 +12,8 @@
 #   - roads2: a road refiner, on the road scenes of Dubai; real maps of the road segmenter, of the 5-class
 #     CNN's road class and of a pixel classifier;
 #   - buildings2: a building refiner, on the building scenes of Dubai and the Accra drone tiles at ~0.1 and
-#     ~0.2 m; real maps of the 5-class CNN's building class.
+#     ~0.2 m, half of the crops from each (by area Accra would have four in five); real maps of the 5-class
+#     CNN's building class.
 # One refiner per foreground: a binary refiner shared by roads and buildings must guess from the coarse map
 # which kind of object it refines, and refined roads like buildings.
 # IDGBR_DEVICE=cuda trains on a GPU with larger batches.
@@ -66,7 +67,7 @@ for name in $REFINERS; do
     roads2) args=(--task roads --coarse-model $RUNS/roads2_coarse.safetensors
                   --coarse-source $RUNS/dubai5_coarse.safetensors --pixel-classifier) ;;
     buildings2) args=(--task buildings --coarse-model $RUNS/buildings2_coarse.safetensors
-                      --coarse-source $RUNS/dubai5_coarse.safetensors --accra "$ACCRA") ;;
+                      --coarse-source $RUNS/dubai5_coarse.safetensors --accra "$ACCRA" --dubai-share 0.5) ;;
     *) echo "REFINERS: unknown model $name (dubai5, roads2, buildings2)" >&2; exit 2 ;;
   esac
   refiner "$name" "${args[@]}" -o $RUNS/${name}_refiner.safetensors > $RUNS/${name}_refiner.log 2>&1 &

@@ -89,14 +89,16 @@ class CropSampler:
     """
 
     def __init__(self, scenes: list[Scene], crop: int, scale_range: tuple[float, float] = (0.75, 1.33),
-                 seed: int = 0, strong_photometric: bool = False) -> None:
+                 seed: int = 0, strong_photometric: bool = False, weights: np.ndarray | None = None) -> None:
         self.scenes = scenes
         self.crop = crop
         self.scale_range = scale_range
         self.strong = strong_photometric
         self.rng = np.random.default_rng(seed)
-        areas = np.array([s.labels.size for s in scenes], dtype=np.float64)
-        self.weights = areas / areas.sum()
+        # How often each scene is drawn: by area unless the caller weighs them.
+        if weights is None:
+            weights = np.array([s.labels.size for s in scenes], dtype=np.float64)
+        self.weights = np.asarray(weights, dtype=np.float64) / np.sum(weights)
 
     def _one(self) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         scene = self.scenes[self.rng.choice(len(self.scenes), p=self.weights)]

@@ -72,6 +72,8 @@ class RefinerRun:
     resume: bool = False
     warm_start: Path | None = None  # continue from a model file's refiner when no training state exists
     real_share: float = 0.4  # share of crops whose coarse map is a real model's prediction
+    resolution: int = 1  # the refiner networks' finest level: 1 full, 2 half (RefinerConfig.half_resolution)
+    dubai_share: float | None = None  # with ``accra``: share of crops from the Dubai scenes (None: by area)
 
 
 def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
@@ -110,6 +112,24 @@ def training_scenes(run: RefinerRun, card: ModelCard) -> list[Scene]:
             scene.foreground = BINARY_TASKS["buildings"]
             scenes.append(scene)
     return scenes
+
+
+def scene_weights(scenes: list[Scene], dubai_share: float | None) -> np.ndarray:
+    """How often each scene is drawn: by area, or with ``dubai_share`` the Dubai scenes together that share of
+    the crops and the Accra tiles the rest (by area within each group). By area, Accra's 143 MP outweigh
+    Dubai's 37 MP of building scenes four to one, and the refiner learns mostly one sensor."""
+    areas = np.array([s.labels.size for s in scenes], dtype=np.float64)
+    if dubai_share is None:
+        return areas / areas.sum()
+    if not 0.0 < dubai_share < 1.0:
+        raise IdgbrError(f"--dubai-share must lie between 0 and 1 (got {dubai_share}).")
+    accra = np.array([s.name.startswith("accra/") for s in scenes])
+    if accra.all() or not accra.any():
+        raise IdgbrError("--dubai-share needs both Dubai scenes and Accra tiles: give --accra with a building "
+                         "task, or leave --dubai-share out.")
+    dubai_part = np.where(accra, 0.0, areas) / areas[~accra].sum() * dubai_share
+    accra_part = np.where(accra, areas, 0.0) / areas[accra].sum() * (1.0 - dubai_share)
+    return dubai_part + accra_part
 
 
 def attach_real_maps(run: RefinerRun, card: ModelCard, scenes: list[Scene], device: torch.device) -> list[str]:
@@ -223,11 +243,15 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     print(f"refiner: {len(scenes)} scenes ({sum(s.labels.size for s in scenes) / 1e6:.0f} MP), real maps of "
           f"{', '.join(source_names)}", flush=True)
 
-    config = RefinerConfig(in_channels=len(mean), num_classes=k)
+    if run.resolution not in (1, 2):
+        raise IdgbrError(f"--refiner-resolution must be 1 (full) or 2 (half), got {run.resolution}.")
+    config = RefinerConfig(in_channels=len(mean), num_classes=k) if run.resolution == 1 else \
+        RefinerConfig.half_resolution(len(mean), k)
     model = Refiner(config).to(device)
     ema = EMA(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=run.lr, weight_decay=1e-4)
-    sampler = CropSampler(scenes, run.crop, scale_range=(0.5, 2.5), seed=run.seed + 1, strong_photometric=True)
+    sampler = CropSampler(scenes, run.crop, scale_range=(0.5, 2.5), seed=run.seed + 1, strong_photometric=True,
+                          weights=scene_weights(scenes, run.dubai_share))
     generator = torch.Generator().manual_seed(run.seed)
     autocast, precision = autocast_for(device, run.precision)
     state_path = run.output.with_name(run.output.name + STATE_SUFFIX)
@@ -245,6 +269,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         progress.update(state["progress"])
+        warm_from = state.get("warm_from", 0)  # a warm start's warm-up goes on where it stopped
         print(f"resumed at iteration {progress['iteration']} ({progress['seconds'] / 3600:.2f} h so far)", flush=True)
     elif run.warm_start is not None:
         # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
@@ -263,6 +288,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     progress["sessions"] += 1
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
+            "dubai_share": run.dubai_share,
             "batch": run.batch, "crop": run.crop,
             "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision,
             "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND,
@@ -285,7 +311,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         save_checkpoint(run.output, tensors, card)
         state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "sampler_rng": sampler.rng.bit_generator.state, "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "progress": dict(progress)}
+                 "torch_rng": torch.get_rng_state(), "progress": dict(progress), "warm_from": warm_from}
         tmp = state_path.with_name(state_path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(state_path)

@@ -207,7 +207,8 @@ def _run(args: argparse.Namespace) -> int:
             iterations=args.iterations, minutes=args.minutes, session_iterations=args.session_iterations,
             save_minutes=args.save_minutes, batch=args.batch,
             crop=args.crop, lr=args.lr if args.lr is not None else 1e-3, device=args.device,
-            precision=args.precision, seed=args.seed, resume=args.resume, warm_start=args.warm_start))
+            precision=args.precision, seed=args.seed, resume=args.resume, warm_start=args.warm_start,
+            dubai_share=args.dubai_share, resolution=args.refiner_resolution))
     return 0
 
 
@@ -234,6 +235,12 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="refiner only (multiclass): also train on a gradient-boosted pixel classifier's maps")
     parser.add_argument("--accra", type=Path, default=None,
                         help="binary tasks: the accra-buildings folder; its drone tiles join the training")
+    parser.add_argument("--refiner-resolution", type=int, choices=[1, 2], default=1,
+                        help="refiner only: the networks' finest level, 1 = full resolution, 2 = half (pixel-unshuffle "
+                             "in, pixel-shuffle out: cheaper on a CPU)")
+    parser.add_argument("--dubai-share", type=float, default=None, metavar="FRACTION",
+                        help="refiner with --accra: share of training crops from the Dubai scenes (default: by "
+                             "area, about 0.2)")
     parser.add_argument("--iterations", type=int, default=6000,
                         help="refiner only: length of the whole run (the learning-rate schedule), over sessions")
     parser.add_argument("--session-iterations", type=int, default=None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from idgbr.model_bundle import load_bundle
@@ -25,10 +26,21 @@ def _scene_ids() -> torch.Tensor:
     return ids
 
 
-def _randomised_refiner(num_classes: int, seed: int = 0) -> Refiner:
+def _config(num_classes: int, resolution: int = 1) -> RefinerConfig:
+    """The full-resolution refiner, or the half-resolution one (models/compact.py)."""
+    if resolution == 2:
+        return RefinerConfig.half_resolution(3, num_classes)
+    return RefinerConfig(num_classes=num_classes)
+
+
+# Every rule and guarantee holds for both refiner designs.
+resolutions = pytest.mark.parametrize("resolution", [1, 2], ids=["full-res", "half-res"])
+
+
+def _randomised_refiner(num_classes: int, seed: int = 0, resolution: int = 1) -> Refiner:
     """A refiner whose zero-initialised layers are random too, so it departs wildly from the coarse map."""
     torch.manual_seed(seed)
-    refiner = Refiner(RefinerConfig(num_classes=num_classes)).eval()
+    refiner = Refiner(_config(num_classes, resolution)).eval()
     with torch.no_grad():
         for parameter in refiner.parameters():
             parameter.add_(torch.randn_like(parameter) * 0.5)
@@ -36,9 +48,10 @@ def _randomised_refiner(num_classes: int, seed: int = 0) -> Refiner:
     return refiner
 
 
-def test_networks_give_one_logit_per_class_and_pixel():
+@resolutions
+def test_networks_give_one_logit_per_class_and_pixel(resolution: int):
     coarse = CoarseNet(CoarseConfig(num_classes=5)).eval()
-    refiner = Refiner(RefinerConfig(num_classes=5)).eval()
+    refiner = Refiner(_config(5, resolution)).eval()
     image = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
         assert coarse(image).shape == (2, 5, 64, 96)
@@ -46,8 +59,9 @@ def test_networks_give_one_logit_per_class_and_pixel():
         assert refiner.sample(image, ids, torch.randn(2, 5, 64, 96), steps=3).shape == (2, 5, 64, 96)
 
 
-def test_an_untrained_refiner_returns_the_coarse_map_unchanged():
-    refiner = Refiner(RefinerConfig(num_classes=3)).eval()
+@resolutions
+def test_an_untrained_refiner_returns_the_coarse_map_unchanged(resolution: int):
+    refiner = Refiner(_config(3, resolution)).eval()
     ids = _scene_ids()
     for band in (None, 8):
         logits = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2, band=band,
@@ -55,9 +69,10 @@ def test_an_untrained_refiner_returns_the_coarse_map_unchanged():
         assert torch.equal(logits.argmax(1), ids)
 
 
-def test_no_pixel_changes_outside_the_band():
+@resolutions
+def test_no_pixel_changes_outside_the_band(resolution: int):
     ids = _scene_ids()
-    refiner = _randomised_refiner(3)
+    refiner = _randomised_refiner(3, resolution=resolution)
     free = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2).argmax(1)
     assert (free != ids).float().mean() > 0.05  # the unconstrained refiner does change far pixels
     banded = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 2, band=4).argmax(1)
@@ -68,9 +83,10 @@ def test_no_pixel_changes_outside_the_band():
     assert torch.equal(none, ids)
 
 
-def test_no_class_appears_that_the_neighbourhood_lacks():
+@resolutions
+def test_no_class_appears_that_the_neighbourhood_lacks(resolution: int):
     ids = _scene_ids()
-    refiner = _randomised_refiner(3, seed=1)
+    refiner = _randomised_refiner(3, seed=1, resolution=resolution)
     out = refiner.sample(torch.randn(1, 3, 96, 96), ids, torch.randn(1, 3, 96, 96), 3, vocabulary=6).argmax(1)
     present = vocabulary_mask(ids, 3, 6)
     assert present.gather(1, out[:, None]).all()
@@ -140,8 +156,9 @@ def test_confidence_gate_weighs_the_new_class_against_the_coarse_class_only():
     assert torch.allclose(confidence[0, 0, 1], torch.tensor(0.36))
 
 
-def test_refiner_loss_is_finite_and_trainable():
-    refiner = Refiner(RefinerConfig(num_classes=2))
+@resolutions
+def test_refiner_loss_is_finite_and_trainable(resolution: int):
+    refiner = Refiner(_config(2, resolution))
     truth = _striped_ids().repeat(2, 1, 1)
     truth[0, :4, :4] = 255  # unlabelled pixels are allowed
     coarse = torch.roll(truth.clamp(max=1), 3, dims=2)
@@ -215,10 +232,48 @@ def test_selection_meets_more_of_the_bar_before_it_scores_higher():
     mean score that misses a target (say, displaced boundaries): the bar holds per source."""
     from idgbr.validate import OperatingPoint, best_point
 
-    points = {(16, 0.65): OperatingPoint(score=0.27, worst_miou=+0.004, bf_missed=1),
-              (16, 0.7): OperatingPoint(score=0.25, worst_miou=+0.013, bf_missed=0),
-              (8, 0.8): OperatingPoint(score=0.17, worst_miou=+0.019, bf_missed=0)}
+    points = {(16, 0.65): OperatingPoint(score=0.27, worst_miou=+0.004, rules_missed=1),
+              (16, 0.7): OperatingPoint(score=0.25, worst_miou=+0.013, rules_missed=0),
+              (8, 0.8): OperatingPoint(score=0.17, worst_miou=+0.019, rules_missed=0)}
     assert best_point(points, print) == (16, 0.7)
+
+
+def test_the_bar_asks_a_foreign_map_to_beat_the_classical_refiner():
+    """The bar's rules for one source: the mIoU floor, the source's boundary-F gain, and on any map but the
+    model's own a boundary F above the superpixel refiner's (the model card and the selection share them)."""
+    from idgbr.validate import OWN_SOURCE, bar_misses
+
+    base = {"miou": 0.60, "boundary_f": 0.40}
+    refined = {"miou": 0.601, "boundary_f": 0.45}
+    classical = {"miou": 0.60, "boundary_f": 0.46}
+    assert bar_misses("pixel classifier (gradient boosting)", base, refined, classical) == ["classical BF higher"]
+    assert bar_misses(OWN_SOURCE, base, refined, classical) == []
+    assert bar_misses("blocky (16-px blocks)", base, refined, classical) == ["BF < +0.10", "classical BF higher"]
+    worse = {"miou": 0.59, "boundary_f": 0.47}
+    assert bar_misses("pixel classifier (gradient boosting)", base, worse, classical) == ["mIoU"]
+    assert bar_misses("pixel classifier (gradient boosting)", base, worse, classical, miou_floor=-1.0) == []
+
+
+def test_the_dubai_share_sets_how_often_the_building_refiner_sees_each_sensor():
+    """By area the Accra tiles would outweigh Dubai's building scenes; with a share each group gets its part
+    (by area within the group), and a share without both groups is refused with the fix."""
+    from idgbr.data import Scene
+    from idgbr.errors import IdgbrError
+    from idgbr.refiner_training import scene_weights
+
+    def scene(name: str, side: int) -> Scene:
+        return Scene(name, np.zeros((side, side, 3), np.uint8), np.zeros((side, side), np.uint8))
+
+    scenes = [scene("tile1/a", 10), scene("tile2/b", 20), scene("accra/train/x@4", 40), scene("accra/train/y@2", 80)]
+    by_area = scene_weights(scenes, None)
+    assert by_area[2:].sum() > 0.9
+    half = scene_weights(scenes, 0.5)
+    assert half[:2].sum() == pytest.approx(0.5) and half.sum() == pytest.approx(1.0)
+    assert half[1] == pytest.approx(4 * half[0])  # by area within Dubai
+    with pytest.raises(IdgbrError, match="--accra"):
+        scene_weights(scenes[:2], 0.5)
+    with pytest.raises(IdgbrError, match="between 0 and 1"):
+        scene_weights(scenes, 1.5)
 
 
 def test_fewer_sampler_steps_are_chosen_only_when_they_are_as_good():
@@ -226,7 +281,7 @@ def test_fewer_sampler_steps_are_chosen_only_when_they_are_as_good():
     the tolerance of two steps; a step count that misses a target more is never chosen for speed."""
     from idgbr.validate import STEP_TOLERANCE, OperatingPoint, fewest_steps
 
-    two = OperatingPoint(score=0.27, worst_miou=+0.004, bf_missed=0)
+    two = OperatingPoint(score=0.27, worst_miou=+0.004, rules_missed=0)
     assert fewest_steps({1: OperatingPoint(0.27 - STEP_TOLERANCE / 2, +0.003, 0), 2: two}) == 1
     assert fewest_steps({1: OperatingPoint(0.27 - 2 * STEP_TOLERANCE, +0.003, 0), 2: two}) == 2
     assert fewest_steps({1: OperatingPoint(0.28, +0.003, 1), 2: two}) == 2

@@ -57,6 +57,20 @@ def test_training_writes_models_that_run(tiny_dataset: Path, tmp_path: Path):
     shutil.rmtree(tiny_dataset)
 
 
+def test_a_half_resolution_refiner_trains_and_runs_from_its_model_file(tiny_dataset: Path, tmp_path: Path):
+    """--refiner-resolution 2: the card records the design, and the model file loads and refines at full size."""
+    coarse = tmp_path / "coarse.safetensors"
+    full = tmp_path / "model.safetensors"
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
+    card = train_refiner(_refiner_run(tiny_dataset, coarse, full, iterations=2, resolution=2))
+    assert card.architecture["refiner"]["resolution"] == 2
+    bundle = load_bundle(full, device="cpu")
+    assert bundle.refiner is not None and bundle.refiner.config.resolution == 2
+    image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 48, 64)))
+    ids = bundle.segment(image).argmax(1)
+    assert bundle.refine(image, ids, [(0, 0)], steps=1).shape == (1, 5, 48, 64)
+
+
 def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path):
     coarse = tmp_path / "coarse.safetensors"
     train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
@@ -131,6 +145,14 @@ def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path,
     out = tmp_path / "continued.safetensors"
     card = train_refiner(_refiner_run(tiny_dataset, coarse, out, resume=True, warm_start=shipped))
     assert card.training["refiner"]["iterations"] == 4 and card.training["refiner"]["sessions"] == 2
+    # Stopped within the warm start's warm-up and resumed from the state, the run ends where the
+    # uninterrupted one did: the warm-up goes on where it stopped.
+    split = tmp_path / "split.safetensors"
+    train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True, warm_start=shipped, session_iterations=1))
+    train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True))
+    a, _ = load_checkpoint(out)
+    b, _ = load_checkpoint(split)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("refiner."))
 
 
 def test_coarse_training_continues_from_a_model_file(tiny_dataset: Path, tmp_path: Path):

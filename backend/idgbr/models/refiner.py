@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .compact import HalfResDenoiser, HalfResGuidanceNet
 from .constraints import allowed_classes, constrain_logits, guard_band_mask
 from .denoiser import Denoiser
 from .diffusion import class_ids, ddim_sample, mask_codes, q_sample
@@ -20,10 +21,18 @@ REFINER_KIND = "idgbr-refiner/2"
 class RefinerConfig:
     in_channels: int = 3
     num_classes: int = 5
-    guidance_widths: tuple[int, int, int, int, int] = (16, 32, 64, 96, 128)  # full, 1/2, 1/4, 1/8, 1/16
-    denoiser_widths: tuple[int, int, int] = (16, 32, 64)  # full, 1/2, 1/4
+    guidance_widths: tuple[int, ...] = (16, 32, 64, 96, 128)  # full, 1/2, 1/4, 1/8, 1/16 (from 1/2 at resolution 2)
+    denoiser_widths: tuple[int, ...] = (16, 32, 64)  # full, 1/2, 1/4 (from 1/2 at resolution 2)
     emb_dim: int = 64
     kind: str = REFINER_KIND
+    # The finest level the networks work at: 1 = full resolution, 2 = half (models/compact.py: pixel-unshuffle
+    # in, pixel-shuffle out; several times cheaper on a CPU).
+    resolution: int = 1
+
+    @classmethod
+    def half_resolution(cls, in_channels: int, num_classes: int) -> RefinerConfig:
+        return cls(in_channels=in_channels, num_classes=num_classes, guidance_widths=(32, 48, 96, 128),
+                   denoiser_widths=(32, 64), resolution=2)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -40,9 +49,20 @@ class Refiner(nn.Module):
         if config.kind != REFINER_KIND:
             raise ValueError(f"refiner kind {config.kind!r}; this backend builds {REFINER_KIND!r}")
         self.config = config
-        self.guidance = GuidanceNet(config.in_channels, config.num_classes, config.guidance_widths)
-        g1, g2, g4 = config.guidance_widths[:3]
-        self.denoiser = Denoiser(config.num_classes, config.denoiser_widths, (g1, g2, g4), config.emb_dim)
+        self.guidance: nn.Module
+        self.denoiser: nn.Module
+        if config.resolution == 1:
+            g1, g2, g4, g8, g16 = config.guidance_widths
+            d1, d2, d4 = config.denoiser_widths
+            self.guidance = GuidanceNet(config.in_channels, config.num_classes, (g1, g2, g4, g8, g16))
+            self.denoiser = Denoiser(config.num_classes, (d1, d2, d4), (g1, g2, g4), config.emb_dim)
+        elif config.resolution == 2:
+            g2, g4, g8, g16 = config.guidance_widths
+            d2, d4 = config.denoiser_widths
+            self.guidance = HalfResGuidanceNet(config.in_channels, config.num_classes, (g2, g4, g8, g16))
+            self.denoiser = HalfResDenoiser(config.num_classes, (d2, d4), (g2, g4), config.emb_dim)
+        else:
+            raise ValueError(f"refiner resolution {config.resolution}; this backend builds 1 (full) or 2 (half)")
 
     @property
     def num_classes(self) -> int:
