@@ -138,7 +138,7 @@ def selection_section(summary: dict) -> list[str]:
     if not isinstance(first, dict):
         header, rows = ["| setting | selection score |", "|---|---|"], [f"| {k} | {v:+.4f} |" for k, v in sweep.items()]
         return [f"{intro}{steps_first}):", "", *header, *rows, ""]
-    if "bf_missed" not in first:
+    if "bf_missed" not in first and "rules_missed" not in first:
         header = ["| setting | selection score | worst source's ΔmIoU |", "|---|---|---|"]
         rows = [f"| {k} | {v['score']:+.4f} | {v['worst_miou']:+.4f} |" for k, v in sweep.items()]
         return [f"{intro}{steps_first}, the best score among the settings where no source's mIoU falls below "
