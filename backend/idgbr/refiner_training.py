@@ -212,6 +212,15 @@ class TrainingProgress(TypedDict):
     sessions: int
 
 
+def _load_same_design(model: Refiner, weights: dict, source: Path, resolution: int) -> None:
+    """Load weights to continue from, or name the design mismatch (say, another --refiner-resolution)."""
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise IdgbrError(f"{source} holds a refiner of another design than --refiner-resolution {resolution} "
+                         "builds: give the --refiner-resolution it was trained with, or start a new run.") from exc
+
+
 def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
     warmup = min(1.0, (iteration - warm_from + 1) / 200)
     return run.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / run.iterations)))
@@ -262,7 +271,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
                          "--warm-start MODEL to continue from a model file's refiner.")
     if run.resume and state_path.is_file():
         state = torch.load(state_path, map_location=device, weights_only=False)
-        model.load_state_dict(state["model"])
+        _load_same_design(model, state["model"], state_path, run.resolution)
         ema.model.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         sampler.rng.bit_generator.state = state["sampler_rng"]
@@ -278,7 +287,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         weights = split_state(tensors, "refiner.")
         if not weights or warm_card.num_classes != k:
             raise IdgbrError(f"--warm-start {run.warm_start} has no {k}-class refiner to continue from.")
-        model.load_state_dict(weights)
+        _load_same_design(model, weights, run.warm_start, run.resolution)
         ema.model.load_state_dict(weights)
         done = warm_card.training.get("refiner", {})
         progress.update({"iteration": int(done.get("iterations", 0)), "seconds": float(done.get("hours", 0)) * 3600,

@@ -207,7 +207,7 @@ def best_point(points: dict[tuple[int, float], OperatingPoint], log) -> tuple[in
 
 def fewest_steps(best_by_steps: dict[int, OperatingPoint]) -> int:
     """The fewest sampler steps whose best setting is as good as the best of any step count: no more harmful,
-    missing no more boundary-F targets, and within STEP_TOLERANCE of the best score (each step costs time)."""
+    missing no more boundary-F rules of the bar, and within STEP_TOLERANCE of the best score (each step costs time)."""
     def rank(point: OperatingPoint) -> tuple[bool, int]:
         return point.harmless, -point.rules_missed
 

@@ -69,6 +69,10 @@ def test_a_half_resolution_refiner_trains_and_runs_from_its_model_file(tiny_data
     image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 48, 64)))
     ids = bundle.segment(image).argmax(1)
     assert bundle.refine(image, ids, [(0, 0)], steps=1).shape == (1, 5, 48, 64)
+    from idgbr.errors import IdgbrError
+
+    with pytest.raises(IdgbrError, match="--refiner-resolution"):  # continued as the other design
+        train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "other.safetensors", resume=True, warm_start=full))
 
 
 def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path):
