@@ -17,22 +17,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
-import rasterio
-from rasterio.transform import Affine
-
 from idgbr.checkpoint import read_card
 from idgbr.data import load_scenes
 from idgbr.metrics import Scores
 from idgbr.model_bundle import resolve_model_path
 from idgbr.validate import binary_task
+from idgbr.validate_native import read_ids, write_tile
 
-
-def write_image(image: np.ndarray, path: Path) -> None:
-    """A GeoTIFF of the image on a placeholder 0.5 m grid (the Dubai imagery's nominal resolution)."""
-    with rasterio.open(path, "w", driver="GTiff", width=image.shape[1], height=image.shape[0], count=3,
-                       dtype="uint8", crs="EPSG:32640", transform=Affine(0.5, 0, 0, 0, -0.5, 0)) as dst:
-        dst.write(image.transpose(2, 0, 1))
+DUBAI_PIXEL_M = 0.5  # the Dubai imagery's nominal resolution: the grid the placeholder GeoTIFFs get
 
 
 def main() -> int:
@@ -50,7 +42,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for i, scene in enumerate(scenes):
-            write_image(scene.image, folder / f"{i}.tif")
+            write_tile(folder / f"{i}.tif", scene.image, 0, 0, DUBAI_PIXEL_M)
         for tile in [int(t) for t in args.tiles.split(",")]:
             for mode in ("segment", "refine"):
                 scores = Scores(k)
@@ -58,8 +50,7 @@ def main() -> int:
                     out = folder / f"{i}_{mode}_{tile}.tif"
                     subprocess.run([idgbr, mode, str(folder / f"{i}.tif"), "-o", str(out), "-q", "--tile", str(tile),
                                     "--model", args.model], check=True)
-                    with rasterio.open(out) as src:
-                        scores.add(src.read(1), scene.labels)
+                    scores.add(read_ids(out), scene.labels)
                 r = scores.result()
                 results[f"{mode}, tile {tile}"] = {m: round(r[m], 4) for m in ("miou", "boundary_f", "boundary_iou")}
                 print(f"{args.model} {mode}, tile {tile}: {results[f'{mode}, tile {tile}']}", flush=True)

@@ -216,7 +216,15 @@ def fewest_steps(best_by_steps: dict[int, OperatingPoint]) -> int:
                if rank(point) >= rank(top) and point.score >= top.score - STEP_TOLERANCE)
 
 
-def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict], log) -> tuple[dict, dict]:
+def classical_maps(dataset: Dataset, sources: dict[str, list], k: int) -> dict[str, list]:
+    """The classical superpixel refiner's map of every image, per coarse source: the selection and the
+    tables both score them."""
+    return {source: [superpixel_refine(s.image, c, k) for s, c in zip(dataset.scenes, coarse)]
+            for source, coarse in sources.items()}
+
+
+def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict],
+                    all_classical: list[dict], log) -> tuple[dict, dict]:
     """Pick steps, band and minimum confidence together (a wide band needs a stricter gate, and fewer steps
     may need another gate): for each step count the best setting on the selection images (best_point),
     then the fewest steps whose best setting is as good (fewest_steps).
@@ -227,14 +235,11 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
     widest = max(BAND_CHOICES)
     # (dataset, source name, coarse maps, base scores, classical refiner's scores, {steps: {scene: logits}})
     cases: list[tuple[Dataset, str, list[np.ndarray], dict, dict, dict[int, dict[int, torch.Tensor]]]] = []
-    for dataset, sources in zip(datasets, all_sources):
+    for dataset, sources, classical in zip(datasets, all_sources, all_classical):
         for source, coarse in sources.items():
             base = score_maps(coarse, dataset.scenes, k, names, None, dataset.selection)
-            classical = list(coarse)
-            for i in dataset.selection:
-                classical[i] = superpixel_refine(dataset.scenes[i].image, coarse[i], k)
             cases.append((dataset, source, coarse, base,
-                          score_maps(classical, dataset.scenes, k, names, None, dataset.selection), {}))
+                          score_maps(classical[source], dataset.scenes, k, names, None, dataset.selection), {}))
 
     def evaluate(steps: int, band: int, conf: float) -> OperatingPoint:
         values, miou_changes, missed = [], [], 0
@@ -274,7 +279,8 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
     return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
 
 
-def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defaults: dict) -> tuple[dict, dict]:
+def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, classical: dict, defaults: dict
+                     ) -> tuple[dict, dict]:
     """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest)."""
     k, names = bundle.num_classes, [c.name for c in bundle.card.classes]
     scenes = dataset.scenes
@@ -282,9 +288,7 @@ def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, defau
     whole: dict[str, dict[str, dict]] = {}
     rest: dict[str, dict[str, dict]] = {}
     for source, coarse in sources.items():
-        maps = {"coarse (input)": coarse,
-                CLASSICAL_ROW: [superpixel_refine(s.image, c, k)
-                                                                   for s, c in zip(scenes, coarse)]}
+        maps = {"coarse (input)": coarse, CLASSICAL_ROW: classical[source]}
         step_rows = [1] if defaults["steps"] == 1 else [1, defaults["steps"]]
         for steps in step_rows:
             label = f"IDGBR {steps} step{'s' if steps > 1 else ''}" + (" (default)" if steps == defaults["steps"]
@@ -346,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     classifier = PixelClassifier(seed=0).fit([s.image for s in train_scenes], [s.labels for s in train_scenes])
     all_sources = [coarse_sources(bundle, d, second, classifier, task_name, foreground) for d in datasets]
     log(f"coarse maps ready: {', '.join(f'{d.name} ({len(d.scenes)} images)' for d in datasets)}")
+    all_classical = [classical_maps(d, sources, bundle.num_classes) for d, sources in zip(datasets, all_sources)]
 
     defaults: dict
     if args.card_defaults:
@@ -354,10 +359,11 @@ def main(argv: list[str] | None = None) -> int:
                     "min_confidence": sampler.min_confidence}
         sweep: dict[str, float] = {}
     else:
-        defaults, sweep = choose_defaults(bundle, datasets, all_sources, log)
+        defaults, sweep = choose_defaults(bundle, datasets, all_sources, all_classical, log)
     results, results_rest = {}, {}
-    for dataset, sources in zip(datasets, all_sources):
-        results[dataset.name], results_rest[dataset.name] = evaluate_dataset(bundle, dataset, sources, defaults)
+    for dataset, sources, classical in zip(datasets, all_sources, all_classical):
+        results[dataset.name], results_rest[dataset.name] = evaluate_dataset(bundle, dataset, sources, classical,
+                                                                             defaults)
         log(f"scored {dataset.name}")
 
     summary = {"datasets": {d.name: {"images": len(d.scenes),
