@@ -223,14 +223,24 @@ def classical_maps(dataset: Dataset, sources: dict[str, list], k: int) -> dict[s
             for source, coarse in sources.items()}
 
 
+# Refined logits of the selection images at the widest band: {(dataset, source): {steps: {scene index: logits}}}.
+SampledLogits = dict[tuple[str, str], dict[int, dict[int, torch.Tensor]]]
+
+
 def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: list[dict],
-                    all_classical: list[dict], log) -> tuple[dict, dict]:
+                    all_classical: list[dict], log, sampled: SampledLogits | None = None) -> tuple[dict, dict]:
     """Pick steps, band and minimum confidence together (a wide band needs a stricter gate, and fewer steps
     may need another gate): for each step count the best setting on the selection images (best_point),
     then the fewest steps whose best setting is as good (fewest_steps).
 
     Each step count is sampled once with the widest band; narrower bands and the gate are applied to its
-    logits afterwards (for one step that is exactly the sampler's result, for more a close estimate)."""
+    logits afterwards (for one step that is exactly the sampler's result, for more a close estimate). The
+    samples are kept in ``sampled`` when given, so the tables need not sample those images again.
+
+    The sweep records, per setting, each dataset and source's ΔBF and ΔmIoU on the selection images: which
+    rule a setting misses, and where a lower gate would gain or harm."""
+    if sampled is None:
+        sampled = {}
     k, names = bundle.num_classes, [c.name for c in bundle.card.classes]
     widest = max(BAND_CHOICES)
     # (dataset, source name, coarse maps, base scores, classical refiner's scores, {steps: {scene: logits}})
@@ -239,10 +249,13 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
         for source, coarse in sources.items():
             base = score_maps(coarse, dataset.scenes, k, names, None, dataset.selection)
             cases.append((dataset, source, coarse, base,
-                          score_maps(classical[source], dataset.scenes, k, names, None, dataset.selection), {}))
+                          score_maps(classical[source], dataset.scenes, k, names, None, dataset.selection),
+                          sampled.setdefault((dataset.name, source), {})))
+    per_source: dict[str, dict[str, float]] = {}
 
     def evaluate(steps: int, band: int, conf: float) -> OperatingPoint:
         values, miou_changes, missed = [], [], 0
+        per_source.clear()
         for dataset, source, coarse, base, classical, logits in cases:
             if steps not in logits:
                 logits[steps] = {i: refine_logits(bundle, dataset.scenes[i].image, coarse[i], steps, widest)
@@ -256,13 +269,16 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
             miou_changes.append(scores["miou"] - base["miou"])
             # The floor is the harmless test's; here only the boundary-F rules count.
             missed += len(bar_misses(source, base, scores, classical, miou_floor=-np.inf))
+            per_source[f"{dataset.name} / {source}"] = {
+                "bf": round(scores["boundary_f"] - base["boundary_f"], 4),
+                "miou": round(scores["miou"] - base["miou"], 4)}
         return OperatingPoint(float(np.mean(values)), float(min(miou_changes)), missed)
 
-    sweep: dict[str, dict[str, float]] = {}
+    sweep: dict[str, dict] = {}
 
     def record(key: str, point: OperatingPoint) -> OperatingPoint:
         sweep[key] = {"score": round(point.score, 4), "worst_miou": round(point.worst_miou, 4),
-                      "rules_missed": point.rules_missed}
+                      "rules_missed": point.rules_missed, "per_source": dict(per_source)}
         log(f"  {key}: score {point.score:+.4f}, worst ΔmIoU {point.worst_miou:+.4f}, "
             f"bar rules missed {point.rules_missed}")
         return point
@@ -279,9 +295,12 @@ def choose_defaults(bundle: ModelBundle, datasets: list[Dataset], all_sources: l
     return {"steps": steps, "band": band, "vocabulary": band, "min_confidence": conf}, sweep
 
 
-def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, classical: dict, defaults: dict
-                     ) -> tuple[dict, dict]:
-    """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest)."""
+def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, classical: dict, defaults: dict,
+                     sampled: SampledLogits | None = None) -> tuple[dict, dict]:
+    """Rows per coarse source: coarse, classical refiner, one-shot refiner, default sampler (whole / rest).
+
+    The selection's samples (``sampled``, at the widest band) are reused where they give exactly the
+    sampler's map: one step, or the widest band."""
     k, names = bundle.num_classes, [c.name for c in bundle.card.classes]
     scenes = dataset.scenes
     band, conf = defaults["band"], defaults["min_confidence"]
@@ -293,8 +312,10 @@ def evaluate_dataset(bundle: ModelBundle, dataset: Dataset, sources: dict, class
         for steps in step_rows:
             label = f"IDGBR {steps} step{'s' if steps > 1 else ''}" + (" (default)" if steps == defaults["steps"]
                                                                        else " (one-shot)")
-            maps[label] = [decide(refine_logits(bundle, s.image, c, steps, band), c, band, conf)
-                           for s, c in zip(scenes, coarse)]
+            exact = steps == 1 or band == max(BAND_CHOICES)
+            reuse = (sampled or {}).get((dataset.name, source), {}).get(steps, {}) if exact else {}
+            maps[label] = [decide(reuse[i] if i in reuse else refine_logits(bundle, s.image, c, steps, band),
+                                  c, band, conf) for i, (s, c) in enumerate(zip(scenes, coarse))]
         whole[source], rest[source] = {}, {}
         for row, m in maps.items():
             whole[source][row], rest[source][row] = score_whole_and_rest(m, dataset, k, names, coarse)
@@ -353,17 +374,18 @@ def main(argv: list[str] | None = None) -> int:
     all_classical = [classical_maps(d, sources, bundle.num_classes) for d, sources in zip(datasets, all_sources)]
 
     defaults: dict
+    sampled: SampledLogits = {}
     if args.card_defaults:
         sampler = card.sampler
         defaults = {"steps": sampler.steps, "band": sampler.band, "vocabulary": sampler.vocabulary,
                     "min_confidence": sampler.min_confidence}
         sweep: dict[str, float] = {}
     else:
-        defaults, sweep = choose_defaults(bundle, datasets, all_sources, all_classical, log)
+        defaults, sweep = choose_defaults(bundle, datasets, all_sources, all_classical, log, sampled)
     results, results_rest = {}, {}
     for dataset, sources, classical in zip(datasets, all_sources, all_classical):
         results[dataset.name], results_rest[dataset.name] = evaluate_dataset(bundle, dataset, sources, classical,
-                                                                             defaults)
+                                                                             defaults, sampled)
         log(f"scored {dataset.name}")
 
     summary = {"datasets": {d.name: {"images": len(d.scenes),

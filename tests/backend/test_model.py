@@ -210,6 +210,35 @@ def test_one_step_rules_applied_after_sampling_give_the_same_map(bundled_model):
         assert np.array_equal(decide(widest, coarse, band, 0.6), direct)
 
 
+def test_validation_tables_are_the_same_when_the_selection_samples_are_reused(bundled_model):
+    """The tables reuse the selection's one-step samples instead of sampling those images again; the
+    numbers must not change, and the sweep says per source what each setting gained."""
+    from idgbr.data import Scene
+    from idgbr.validate import OWN_SOURCE, Dataset, choose_defaults, evaluate_dataset
+
+    bundle = load_bundle(bundled_model, device="cpu")
+    generator = torch.Generator().manual_seed(4)
+    scenes, coarse = [], []
+    for i in range(2):
+        image = (torch.rand(64, 64, 3, generator=generator) * 255).to(torch.uint8).numpy()
+        truth = np.zeros((64, 64), np.uint8)
+        truth[:, 30 + 4 * i:] = 1
+        truth[10:30, 5:25] = 2
+        scenes.append(Scene(f"t/{i}", image, truth))
+        coarse.append(np.roll(truth, 3, axis=1))
+    dataset = Dataset("d", scenes, [0])
+    sources = {OWN_SOURCE: coarse}
+    classical = {OWN_SOURCE: coarse}
+    sampled: dict = {}
+    defaults, sweep = choose_defaults(bundle, [dataset], [sources], [classical], print, sampled)
+    assert set(sampled[("d", OWN_SOURCE)][1]) == {0}
+    assert set(next(iter(sweep.values()))["per_source"]) == {f"d / {OWN_SOURCE}"}
+    for steps in (1, 2):
+        chosen = {**defaults, "steps": steps}
+        assert evaluate_dataset(bundle, dataset, sources, classical, chosen, sampled) == \
+            evaluate_dataset(bundle, dataset, sources, classical, chosen)
+
+
 def test_selection_never_trades_one_sources_mIoU_loss_for_gains_elsewhere():
     """A setting whose mean score is best but which costs one coarse source mIoU on the selection images (even
     within the bar: the images are few) is passed over for the best setting that harms no source; when every
