@@ -1,7 +1,7 @@
 """Builds a bundled model file from a trained refiner and (optionally) another model's coarse segmenter.
 
     python tools/assemble_model.py runs/dubai5_refiner.safetensors -o resources/models/dubai5.safetensors
-    python tools/assemble_model.py runs/roads2_refiner.safetensors --coarse runs/other_roads_coarse.safetensors \
+    python tools/assemble_model.py runs/roads2_refiner.safetensors --coarse runs/other_roads_coarse.safetensors \\
         -o resources/models/other_roads.safetensors
 
 A refiner can serve several binary models (``--coarse``): the coarse model supplies the classes, bands,

@@ -3,7 +3,7 @@ user would run them (`idgbr segment`, `idgbr refine --coarse`), so the resolutio
 working resolution, refiner at the finest resolution the model is valid at, output on the input's grid) is
 what gets scored.
 
-    python -m idgbr.validate_native --model buildings2 --accra ../shared/datasets/accra-buildings \
+    python -m idgbr.validate_native --model buildings2 --accra ../shared/datasets/accra-buildings \\
         --json docs/validation/buildings2_native.json
 
 Each Accra `val/` tile (never used in training) is written as a GeoTIFF in UTM zone 30N with a 0.05 m pixel.
