@@ -13,7 +13,9 @@ is rewritten with the averaged weights. ``--resume`` continues from the state; a
 weights as an uninterrupted run of the same length. Where the state is gone (another machine), ``--resume
 --warm-start MODEL`` continues from a model file's refiner and its recorded place in the schedule. The
 learning rate follows ``--iterations`` (the whole run, over any number of sessions); ``--minutes`` and
-``--session-iterations`` only end this run's part of it.
+``--session-iterations`` only end this run's part of it. ``--init-from MODEL`` starts a new run (its own
+schedule) from the layers that a model file's refiner shares with this run's design, say a half-resolution
+refiner from a trained full-resolution one: most of the CG net's pyramid carries over.
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ class RefinerRun:
     real_share: float = 0.4  # share of crops whose coarse map is a real model's prediction
     resolution: int = 1  # the refiner networks' finest level: 1 full, 2 half (RefinerConfig.half_resolution)
     dubai_share: float | None = None  # with ``accra``: share of crops from the Dubai scenes (None: by area)
+    init_from: Path | None = None  # a new run starts from the tensors it shares (name and shape) with this file
 
 
 def autocast_for(device: torch.device, precision: str) -> tuple[contextlib.AbstractContextManager, str]:
@@ -221,6 +224,29 @@ def _load_same_design(model: Refiner, weights: dict, source: Path, resolution: i
                          "builds: give the --refiner-resolution it was trained with, or start a new run.") from exc
 
 
+def shared_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The tensors of ``weights`` that ``model`` has under the same name and with the same shape."""
+    own = model.state_dict()
+    return {name: tensor for name, tensor in weights.items() if name in own and own[name].shape == tensor.shape}
+
+
+def _init_from(model: Refiner, source: Path, k: int) -> dict:
+    """Load the tensors ``model`` shares with ``source``'s refiner; returns what the card records of it."""
+    tensors, card = load_checkpoint(source)
+    weights = split_state(tensors, "refiner.")
+    if not weights or card.num_classes != k:
+        raise IdgbrError(f"--init-from {source} has no {k}-class refiner to start from.")
+    shared = shared_weights(model, weights)
+    total = sum(v.numel() for v in model.state_dict().values())
+    carried = sum(v.numel() for v in shared.values())
+    if not shared:
+        raise IdgbrError(f"--init-from {source}: its refiner shares no layer with this design; start without it.")
+    model.load_state_dict(shared, strict=False)
+    print(f"initialised {carried / total:.0%} of the refiner's parameters from {source}", flush=True)
+    return {"model": card.name, "share_of_parameters": round(carried / total, 3),
+            "iterations": card.training.get("refiner", {}).get("iterations")}
+
+
 def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
     warmup = min(1.0, (iteration - warm_from + 1) / 200)
     return run.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / run.iterations)))
@@ -266,6 +292,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     state_path = run.output.with_name(run.output.name + STATE_SUFFIX)
     progress: TrainingProgress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
     warm_from = 0
+    initialised: dict | None = None  # the model a run started from with --init-from, kept over its sessions
     if run.resume and not state_path.is_file() and run.warm_start is None:
         raise IdgbrError(f"--resume: no training state at {state_path}; start without --resume, or give "
                          "--warm-start MODEL to continue from a model file's refiner.")
@@ -279,6 +306,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         torch.set_rng_state(state["torch_rng"])
         progress.update(state["progress"])
         warm_from = state.get("warm_from", 0)  # a warm start's warm-up goes on where it stopped
+        initialised = state.get("initialised_from")
         print(f"resumed at iteration {progress['iteration']} ({progress['seconds'] / 3600:.2f} h so far)", flush=True)
     elif run.warm_start is not None:
         # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
@@ -293,7 +321,13 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         progress.update({"iteration": int(done.get("iterations", 0)), "seconds": float(done.get("hours", 0)) * 3600,
                          "sessions": int(done.get("sessions", 0)), "loss": float(done.get("final_loss", 0.0))})
         warm_from = progress["iteration"]
+        initialised = done.get("initialised_from")
         print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
+    if run.init_from is not None:
+        if run.resume or run.warm_start is not None:
+            raise IdgbrError("--init-from starts a new run: drop --resume and --warm-start, or drop --init-from.")
+        initialised = _init_from(model, run.init_from, k)
+        ema.model.load_state_dict(model.state_dict())
     progress["sessions"] += 1
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
@@ -307,6 +341,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
                                 f"lost thin structures, spurious blobs (1-3 at once); {MILD_SHARE:.0%} of batches "
                                 "only a mild warp of 2-5 px",
             "augmentation": "scale 0.5-2.5x (log-uniform), rotations, flips, strong photometric"}
+    if initialised:
+        meta["initialised_from"] = initialised
 
     def save() -> None:
         card.name = run.output.stem
@@ -320,7 +356,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         save_checkpoint(run.output, tensors, card)
         state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "sampler_rng": sampler.rng.bit_generator.state, "generator": generator.get_state(),
-                 "torch_rng": torch.get_rng_state(), "progress": dict(progress), "warm_from": warm_from}
+                 "torch_rng": torch.get_rng_state(), "progress": dict(progress), "warm_from": warm_from,
+                 "initialised_from": initialised}
         tmp = state_path.with_name(state_path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(state_path)

@@ -94,15 +94,20 @@ def inverse_sqrt_frequency(scenes: list[Scene], num_classes: int) -> torch.Tenso
     return weight / weight.mean()
 
 
+REFINER_ITERATIONS = 6000
+
+
 def _log(message: str) -> None:
     print(message, flush=True)
 
 
 def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: float, minutes: float | None,
                  batch: int, crop: int, lr: float, device_name: str, seed: int, architecture: str = "encoder-decoder",
-                 accra: Path | None = None, warm_start: Path | None = None) -> ModelCard:
+                 accra: Path | None = None, warm_start: Path | None = None,
+                 iterations: int | None = None) -> ModelCard:
     """Train a coarse segmenter; ``warm_start``: continue from that model file's segmenter (same architecture)
-    with a fresh optimizer and schedule, its earlier training kept in the card."""
+    with a fresh optimizer and schedule, its earlier training kept in the card. ``iterations``, when given,
+    replaces ``epochs`` as the schedule's length: the same model on any machine, unlike ``minutes``."""
     torch.manual_seed(seed)
     device = select_device(device_name)
     scenes = load_scenes(data, tiles, task)
@@ -123,7 +128,8 @@ def train_coarse(data: Path, out: Path, tiles: list[str], task: str, epochs: flo
         earlier = _warm_start_coarse(model, warm_start, config.to_dict())
         _log(f"warm start from {warm_start}")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    iterations = _iterations(scenes, crop, batch, epochs)
+    if iterations is None:
+        iterations = _iterations(scenes, crop, batch, epochs)
     schedule = Schedule(optimizer, lr, iterations, minutes)
     sampler = CropSampler(scenes, crop, scale_range=(0.6, 1.7) if accra else (0.75, 1.33), seed=seed,
                           strong_photometric=accra is not None)
@@ -196,7 +202,7 @@ def _run(args: argparse.Namespace) -> int:
                   lr=args.lr if args.lr is not None else 2e-3, device_name=args.device, seed=args.seed)
     if args.stage == "coarse":
         train_coarse(args.data, args.output, args.tiles.split(","), args.task, architecture=args.architecture,
-                     accra=args.accra, warm_start=args.warm_start, **common)
+                     accra=args.accra, warm_start=args.warm_start, iterations=args.iterations, **common)
     else:
         if not args.coarse_model:
             raise IdgbrError("idgbr train refiner needs --coarse-model (a file from 'idgbr train coarse').")
@@ -204,11 +210,12 @@ def _run(args: argparse.Namespace) -> int:
             data=args.data, output=args.output, coarse_model=args.coarse_model, coarse_sources=args.coarse_source,
             accra=args.accra, tiles=args.tiles.split(","), pixel_classifier=args.pixel_classifier,
             task=args.task if args.task in ("roads", "buildings") else None,
-            iterations=args.iterations, minutes=args.minutes, session_iterations=args.session_iterations,
+            iterations=args.iterations or REFINER_ITERATIONS, minutes=args.minutes,
+            session_iterations=args.session_iterations,
             save_minutes=args.save_minutes, batch=args.batch,
             crop=args.crop, lr=args.lr if args.lr is not None else 1e-3, device=args.device,
             precision=args.precision, seed=args.seed, resume=args.resume, warm_start=args.warm_start,
-            dubai_share=args.dubai_share, resolution=args.refiner_resolution))
+            dubai_share=args.dubai_share, resolution=args.refiner_resolution, init_from=args.init_from))
     return 0
 
 
@@ -241,8 +248,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dubai-share", type=float, default=None, metavar="FRACTION",
                         help="refiner with --accra: share of training crops from the Dubai scenes (default: by "
                              "area, about 0.2)")
-    parser.add_argument("--iterations", type=int, default=6000,
-                        help="refiner only: length of the whole run (the learning-rate schedule), over sessions")
+    parser.add_argument("--iterations", type=int, default=None,
+                        help="length of the learning-rate schedule; refiner: of the whole run, over sessions "
+                             f"(default {REFINER_ITERATIONS}); coarse: replaces --epochs")
     parser.add_argument("--session-iterations", type=int, default=None,
                         help="refiner only: end this run after this many iterations (resume later)")
     parser.add_argument("--save-minutes", type=float, default=5.0,
@@ -253,6 +261,9 @@ def register_cli(subparsers: argparse._SubParsersAction) -> None:
                         help="coarse: continue from this model file's segmenter (a fresh optimizer and schedule); "
                              "refiner, with --resume: where OUTPUT.state.pt is missing, continue from this model "
                              "file's refiner (its averaged weights and recorded iterations; a fresh optimizer)")
+    parser.add_argument("--init-from", type=Path, default=None, metavar="MODEL",
+                        help="refiner only: start a new run from the layers this model file's refiner shares with "
+                             "the design being trained (e.g. --refiner-resolution 2 from a full-resolution model)")
     parser.add_argument("--precision", choices=["auto", "fp32", "bf16"], default="auto",
                         help="refiner only: bf16 autocast (auto: on CUDA and on CPUs with bf16 matrix units)")
     parser.add_argument("--epochs", type=float, default=30.0, help="passes over the training pixels")

@@ -75,6 +75,31 @@ def test_a_half_resolution_refiner_trains_and_runs_from_its_model_file(tiny_data
         train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "other.safetensors", resume=True, warm_start=full))
 
 
+def test_a_half_resolution_run_starts_from_the_layers_it_shares_with_a_full_resolution_model(
+        tiny_dataset: Path, tmp_path: Path):
+    """--init-from: a new design need not start from scratch; what it shares with a trained refiner carries over."""
+    from idgbr.errors import IdgbrError
+
+    coarse = tmp_path / "coarse.safetensors"
+    full = tmp_path / "full.safetensors"
+    train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
+    train_refiner(_refiner_run(tiny_dataset, coarse, full, iterations=2))
+    half = tmp_path / "half.safetensors"
+    # lr 0: the weights stay as initialised (up to the moving average's rounding), so the file shows what was
+    # carried over.
+    card = train_refiner(_refiner_run(tiny_dataset, coarse, half, iterations=1, resolution=2, init_from=full, lr=0.0))
+    assert card.training["refiner"]["initialised_from"]["model"] == "full"
+    assert card.training["refiner"]["initialised_from"]["share_of_parameters"] > 0.5
+    a, _ = load_checkpoint(full)
+    b, _ = load_checkpoint(half)
+    shared = [k for k in b if k.startswith("refiner.") and k in a and a[k].shape == b[k].shape]
+    assert len(shared) > 10 and all(torch.allclose(a[k], b[k], atol=1e-6) for k in shared)
+    assert card.architecture["refiner"]["resolution"] == 2
+    with pytest.raises(IdgbrError, match="--init-from"):  # a new run only
+        train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "x.safetensors", resume=True, warm_start=full,
+                                   init_from=full))
+
+
 def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_dataset: Path, tmp_path: Path):
     coarse = tmp_path / "coarse.safetensors"
     train_coarse(tiny_dataset, coarse, ["tile2", "tile3"], "multiclass", **COARSE_SETTINGS)
@@ -110,6 +135,14 @@ def test_fcn_is_a_usable_coarse_model_for_a_binary_refiner(tiny_dataset: Path, t
     image = bundle.normalize(np.random.default_rng(0).uniform(0, 255, (1, 3, 48, 48)))
     ids = bundle.segment(image).argmax(1)
     assert bundle.refine(image, ids, [(0, 0)], steps=1).shape == (1, 2, 48, 48)
+
+
+def test_coarse_training_of_a_fixed_length_runs_that_many_iterations(tiny_dataset: Path, tmp_path: Path):
+    # The validation FCN is trained by iterations so that every machine validates against the same model.
+    settings = {**COARSE_SETTINGS, "epochs": 1000}
+    card = train_coarse(tiny_dataset, tmp_path / "fcn.safetensors", ["tile2", "tile3"], "binary",
+                        architecture="fcn", iterations=3, **settings)
+    assert card.training["coarse"]["iterations"] == 3
 
 
 def test_degradations_change_maps_but_keep_valid_ids():
