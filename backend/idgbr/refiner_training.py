@@ -293,6 +293,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     progress: TrainingProgress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
     warm_from = 0
     initialised: dict | None = None  # the model a run started from with --init-from, kept over its sessions
+    precisions: list[str] = []  # of the sessions so far, where they changed (a run may move to a bf16 machine)
     if run.resume and not state_path.is_file() and run.warm_start is None:
         raise IdgbrError(f"--resume: no training state at {state_path}; start without --resume, or give "
                          "--warm-start MODEL to continue from a model file's refiner.")
@@ -307,6 +308,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         progress.update(state["progress"])
         warm_from = state.get("warm_from", 0)  # a warm start's warm-up goes on where it stopped
         initialised = state.get("initialised_from")
+        precisions = list(state.get("precisions", []))
         print(f"resumed at iteration {progress['iteration']} ({progress['seconds'] / 3600:.2f} h so far)", flush=True)
     elif run.warm_start is not None:
         # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
@@ -322,6 +324,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
                          "sessions": int(done.get("sessions", 0)), "loss": float(done.get("final_loss", 0.0))})
         warm_from = progress["iteration"]
         initialised = done.get("initialised_from")
+        precisions = done["precision"].split(" then ") if done.get("precision") else []
         print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
     if run.init_from is not None:
         if run.resume or run.warm_start is not None:
@@ -329,11 +332,13 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         initialised = _init_from(model, run.init_from, k)
         ema.model.load_state_dict(model.state_dict())
     progress["sessions"] += 1
+    if not precisions or precisions[-1] != precision:
+        precisions.append(precision)
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
             "dubai_share": run.dubai_share,
             "batch": run.batch, "crop": run.crop,
-            "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision,
+            "lr": run.lr, "seed": run.seed, "device": str(device), "precision": " then ".join(precisions),
             "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND,
             "weights": f"moving average (decay {EMA_DECAY})",
             "coarse_sources": source_names,
@@ -357,7 +362,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "sampler_rng": sampler.rng.bit_generator.state, "generator": generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "progress": dict(progress), "warm_from": warm_from,
-                 "initialised_from": initialised}
+                 "initialised_from": initialised, "precisions": precisions}
         tmp = state_path.with_name(state_path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(state_path)

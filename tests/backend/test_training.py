@@ -182,6 +182,10 @@ def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path,
     out = tmp_path / "continued.safetensors"
     card = train_refiner(_refiner_run(tiny_dataset, coarse, out, resume=True, warm_start=shipped))
     assert card.training["refiner"]["iterations"] == 4 and card.training["refiner"]["sessions"] == 2
+    # Continued at another precision (a machine with bf16 units), the card keeps both.
+    mixed = train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "mixed.safetensors", resume=True,
+                                       warm_start=shipped, precision="bf16"))
+    assert mixed.training["refiner"]["precision"] == "fp32 then bf16"
     # Stopped within the warm start's warm-up and resumed from the state, the run ends where the
     # uninterrupted one did: the warm-up goes on where it stopped.
     split = tmp_path / "split.safetensors"
