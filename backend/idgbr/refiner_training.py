@@ -230,17 +230,23 @@ def shared_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor]) -> 
     return {name: tensor for name, tensor in weights.items() if name in own and own[name].shape == tensor.shape}
 
 
-def _init_from(model: Refiner, source: Path, k: int) -> dict:
-    """Load the tensors ``model`` shares with ``source``'s refiner; returns what the card records of it."""
+def _refiner_in(source: Path, k: int, option: str, purpose: str) -> tuple[dict[str, torch.Tensor], ModelCard]:
+    """The refiner weights and card of a model file given as ``option``, which must hold a ``k``-class refiner."""
     tensors, card = load_checkpoint(source)
     weights = split_state(tensors, "refiner.")
     if not weights or card.num_classes != k:
-        raise IdgbrError(f"--init-from {source} has no {k}-class refiner to start from.")
+        raise IdgbrError(f"{option} {source} has no {k}-class refiner to {purpose}.")
+    return weights, card
+
+
+def _init_from(model: Refiner, source: Path, k: int) -> dict:
+    """Load the tensors ``model`` shares with ``source``'s refiner; returns what the card records of it."""
+    weights, card = _refiner_in(source, k, "--init-from", "start from")
     shared = shared_weights(model, weights)
-    total = sum(v.numel() for v in model.state_dict().values())
-    carried = sum(v.numel() for v in shared.values())
     if not shared:
         raise IdgbrError(f"--init-from {source}: its refiner shares no layer with this design; start without it.")
+    total = sum(v.numel() for v in model.state_dict().values())
+    carried = sum(v.numel() for v in shared.values())
     model.load_state_dict(shared, strict=False)
     print(f"initialised {carried / total:.0%} of the refiner's parameters from {source}", flush=True)
     return {"model": card.name, "share_of_parameters": round(carried / total, 3),
@@ -313,10 +319,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     elif run.warm_start is not None:
         # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
         # continues the schedule from there with a fresh optimizer (after a short warm-up).
-        tensors, warm_card = load_checkpoint(run.warm_start)
-        weights = split_state(tensors, "refiner.")
-        if not weights or warm_card.num_classes != k:
-            raise IdgbrError(f"--warm-start {run.warm_start} has no {k}-class refiner to continue from.")
+        weights, warm_card = _refiner_in(run.warm_start, k, "--warm-start", "continue from")
         _load_same_design(model, weights, run.warm_start, run.resolution)
         ema.model.load_state_dict(weights)
         done = warm_card.training.get("refiner", {})
