@@ -76,6 +76,23 @@ def bar_table(results: dict) -> list[str]:
     return lines
 
 
+def stage_lines(stages: list[dict]) -> list[str]:
+    """How a refiner trained in several stages spent its iterations (nothing for a run of one stage)."""
+    if len(stages) < 2:
+        return []
+
+    def crops(stage: dict) -> str:
+        if "dubai_share" not in stage:
+            return ""
+        share = stage["dubai_share"]
+        return ", crops by area" if share is None else f", {share:.0%} of crops from Dubai"
+
+    return ["", "Stages: " + "; ".join(
+        f"iterations {s['iterations'][0]:,}–{s['iterations'][1]:,} at {s.get('precision', 'an unrecorded precision')}"
+        f"{crops(s)}" + (f" (schedule of {s['scheduled_iterations']:,})" if "scheduled_iterations" in s else "")
+        for s in stages) + "."]
+
+
 def section(summary_path: Path, models_dir: Path) -> list[str]:
     summary = json.loads(summary_path.read_text())
     name = summary_path.stem
@@ -101,6 +118,7 @@ def section(summary_path: Path, models_dir: Path) -> list[str]:
         f"({refiner.get('precision')}), real coarse maps of {', '.join(refiner.get('coarse_sources', [])) or 'none'}"
         f" plus synthetic errors ({refiner.get('synthetic_errors')}); {refiner.get('augmentation')}"
         f"{'; Accra drone tiles included' if refiner.get('accra') else ''}.",
+        *stage_lines(refiner.get("stages", [])),
         "",
         "Validation data, never seen in training: " + "; ".join(
             f"{d} ({v['images']} images, {v['megapixels']} MP; defaults chosen on {len(v['selection_images'])} of "

@@ -253,6 +253,33 @@ def _init_from(model: Refiner, source: Path, k: int) -> dict:
             "iterations": card.training.get("refiner", {}).get("iterations")}
 
 
+def recorded_stages(iterations: int, precision: str | None, dubai_share: float | None = None,
+                    scheduled_iterations: int | None = None) -> list[dict]:
+    """The stages of a run recorded before stages were: one stage of what its card (or state) said."""
+    if iterations <= 0:
+        return []
+    known = {"precision": precision, "dubai_share": dubai_share, "scheduled_iterations": scheduled_iterations}
+    return [{"iterations": [0, iterations], **{k: v for k, v in known.items() if v not in (None, "")}}]
+
+
+def continue_stages(stages: list[dict], iteration: int, settings: dict) -> list[dict]:
+    """The stages with this session's ``settings`` added: the last stage goes on when they are its own, else a new
+    one starts at ``iteration``. A card's single precision or share tells only of the latest session."""
+    if stages and all(stages[-1].get(key) == value for key, value in settings.items()):
+        return stages
+    return [*stages, {"iterations": [iteration, iteration], **settings}]
+
+
+def precision_history(stages: list[dict]) -> str:
+    """The precisions the stages ran at, in order, each change once: "fp32 then bf16"."""
+    changes: list[str] = []
+    for stage in stages:
+        for precision in str(stage.get("precision") or "").split(" then "):
+            if precision and (not changes or changes[-1] != precision):
+                changes.append(precision)
+    return " then ".join(changes)
+
+
 def learning_rate(run: RefinerRun, iteration: int, warm_from: int = 0) -> float:
     warmup = min(1.0, (iteration - warm_from + 1) / 200)
     return run.lr * warmup * 0.5 * (1 + math.cos(math.pi * min(1.0, iteration / run.iterations)))
@@ -299,7 +326,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
     progress: TrainingProgress = {"iteration": 0, "seconds": 0.0, "loss": 0.0, "sessions": 0}
     warm_from = 0
     initialised: dict | None = None  # the model a run started from with --init-from, kept over its sessions
-    precisions: list[str] = []  # of the sessions so far, where they changed (a run may move to a bf16 machine)
+    stages: list[dict] = []  # which iterations ran with which settings (a run may move to a bf16 machine)
     if run.resume and not state_path.is_file() and run.warm_start is None:
         raise IdgbrError(f"--resume: no training state at {state_path}; start without --resume, or give "
                          "--warm-start MODEL to continue from a model file's refiner.")
@@ -314,7 +341,9 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         progress.update(state["progress"])
         warm_from = state.get("warm_from", 0)  # a warm start's warm-up goes on where it stopped
         initialised = state.get("initialised_from")
-        precisions = list(state.get("precisions", []))
+        # A state from before stages were recorded knows only its precisions.
+        legacy_precision = " then ".join(state.get("precisions", ()))
+        stages = state.get("stages") or recorded_stages(progress["iteration"], legacy_precision)
         print(f"resumed at iteration {progress['iteration']} ({progress['seconds'] / 3600:.2f} h so far)", flush=True)
     elif run.warm_start is not None:
         # A model file keeps the averaged weights and how far its schedule went, not the optimizer: the run
@@ -327,7 +356,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
                          "sessions": int(done.get("sessions", 0)), "loss": float(done.get("final_loss", 0.0))})
         warm_from = progress["iteration"]
         initialised = done.get("initialised_from")
-        precisions = done["precision"].split(" then ") if done.get("precision") else []
+        stages = done.get("stages") or recorded_stages(progress["iteration"], done.get("precision"),
+                                                       done.get("dubai_share"), done.get("scheduled_iterations"))
         print(f"warm start from {run.warm_start} at iteration {warm_from}", flush=True)
     if run.init_from is not None:
         if run.resume or run.warm_start is not None:
@@ -335,13 +365,13 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         initialised = _init_from(model, run.init_from, k)
         ema.model.load_state_dict(model.state_dict())
     progress["sessions"] += 1
-    if not precisions or precisions[-1] != precision:
-        precisions.append(precision)
+    stages = continue_stages(stages, progress["iteration"], {"precision": precision, "dubai_share": run.dubai_share,
+                                                             "scheduled_iterations": run.iterations})
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
             "dubai_share": run.dubai_share,
             "batch": run.batch, "crop": run.crop,
-            "lr": run.lr, "seed": run.seed, "device": str(device), "precision": " then ".join(precisions),
+            "lr": run.lr, "seed": run.seed, "device": str(device), "precision": precision_history(stages),
             "scheduled_iterations": run.iterations, "train_band": TRAIN_BAND,
             "weights": f"moving average (decay {EMA_DECAY})",
             "coarse_sources": source_names,
@@ -356,7 +386,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         card.name = run.output.stem
         card.architecture["refiner"] = config.to_dict()
         card.parts = ["coarse", "refiner"] if "coarse" in card.architecture else ["refiner"]
-        card.training["refiner"] = {**meta, "iterations": progress["iteration"],
+        stages[-1]["iterations"][1] = progress["iteration"]
+        card.training["refiner"] = {**meta, "stages": stages, "iterations": progress["iteration"],
                                     "hours": round(progress["seconds"] / 3600, 2),
                                     "sessions": progress["sessions"], "final_loss": round(progress["loss"], 4)}
         tensors = {f"coarse.{n}": v for n, v in split_state(coarse_tensors, "coarse.").items()}
@@ -365,7 +396,7 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         state = {"model": model.state_dict(), "ema": ema.model.state_dict(), "optimizer": optimizer.state_dict(),
                  "sampler_rng": sampler.rng.bit_generator.state, "generator": generator.get_state(),
                  "torch_rng": torch.get_rng_state(), "progress": dict(progress), "warm_from": warm_from,
-                 "initialised_from": initialised, "precisions": precisions}
+                 "initialised_from": initialised, "stages": stages}
         tmp = state_path.with_name(state_path.name + ".tmp")
         torch.save(state, tmp)
         tmp.replace(state_path)

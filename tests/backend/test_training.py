@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from idgbr.checkpoint import load_checkpoint
+from idgbr.checkpoint import load_checkpoint, save_checkpoint
 from idgbr.degrade import DEGRADATIONS, mild_displacement, random_degradation
 from idgbr.model_bundle import load_bundle
 from idgbr.refiner_training import STATE_SUFFIX, RefinerRun, train_refiner
@@ -110,6 +110,8 @@ def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_da
     assert Path(str(split) + STATE_SUFFIX).is_file()
     second = train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True))
     assert second.training["refiner"]["iterations"] == 4 and second.training["refiner"]["sessions"] == 2
+    # Resumed with the same settings, the run stays one stage.
+    assert [s["iterations"] for s in second.training["refiner"]["stages"]] == [[0, 4]]
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(split)
     refiner_keys = [k for k in a if k.startswith("refiner.")]
@@ -186,6 +188,17 @@ def test_warm_start_continues_the_schedule_from_a_model_file(tiny_dataset: Path,
     mixed = train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "mixed.safetensors", resume=True,
                                        warm_start=shipped, precision="bf16"))
     assert mixed.training["refiner"]["precision"] == "fp32 then bf16"
+    assert [(s["iterations"], s["precision"]) for s in mixed.training["refiner"]["stages"]] == [
+        ([0, 2], "fp32"), ([2, 4], "bf16")]
+    # A model file from before stages were recorded: its card's precision becomes the first stage.
+    tensors, old_card = load_checkpoint(shipped)
+    del old_card.training["refiner"]["stages"]
+    legacy = tmp_path / "legacy.safetensors"
+    save_checkpoint(legacy, tensors, old_card)
+    continued = train_refiner(_refiner_run(tiny_dataset, coarse, tmp_path / "from_legacy.safetensors", resume=True,
+                                           warm_start=legacy, precision="bf16"))
+    assert [(s["iterations"], s["precision"]) for s in continued.training["refiner"]["stages"]] == [
+        ([0, 2], "fp32"), ([2, 4], "bf16")]
     # Stopped within the warm start's warm-up and resumed from the state, the run ends where the
     # uninterrupted one did: the warm-up goes on where it stopped.
     split = tmp_path / "split.safetensors"
