@@ -364,9 +364,10 @@ def train_refiner(run: RefinerRun) -> ModelCard:
             raise IdgbrError("--init-from starts a new run: drop --resume and --warm-start, or drop --init-from.")
         initialised = _init_from(model, run.init_from, k)
         ema.model.load_state_dict(model.state_dict())
-    progress["sessions"] += 1
-    stages = continue_stages(stages, progress["iteration"], {"precision": precision, "dubai_share": run.dubai_share,
-                                                             "scheduled_iterations": run.iterations})
+    if progress["iteration"] < run.iterations:  # resuming a finished schedule adds no session and no stage
+        progress["sessions"] += 1
+        stages = continue_stages(stages, progress["iteration"], {
+            "precision": precision, "dubai_share": run.dubai_share, "scheduled_iterations": run.iterations})
 
     meta = {"tiles": run.tiles, "accra": run.accra is not None, "foreground": run.task or "all",
             "dubai_share": run.dubai_share,
@@ -386,7 +387,8 @@ def train_refiner(run: RefinerRun) -> ModelCard:
         card.name = run.output.stem
         card.architecture["refiner"] = config.to_dict()
         card.parts = ["coarse", "refiner"] if "coarse" in card.architecture else ["refiner"]
-        stages[-1]["iterations"][1] = progress["iteration"]
+        if stages:
+            stages[-1]["iterations"][1] = progress["iteration"]
         card.training["refiner"] = {**meta, "stages": stages, "iterations": progress["iteration"],
                                     "hours": round(progress["seconds"] / 3600, 2),
                                     "sessions": progress["sessions"], "final_loss": round(progress["loss"], 4)}

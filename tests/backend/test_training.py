@@ -112,6 +112,10 @@ def test_resumed_training_gives_the_same_weights_as_an_uninterrupted_run(tiny_da
     assert second.training["refiner"]["iterations"] == 4 and second.training["refiner"]["sessions"] == 2
     # Resumed with the same settings, the run stays one stage.
     assert [s["iterations"] for s in second.training["refiner"]["stages"]] == [[0, 4]]
+    # Resuming a run that has finished its schedule adds no session.
+    again = train_refiner(_refiner_run(tiny_dataset, coarse, split, resume=True))
+    assert again.training["refiner"]["sessions"] == 2 and again.training["refiner"]["stages"] == [
+        second.training["refiner"]["stages"][0]]
     a, _ = load_checkpoint(straight)
     b, _ = load_checkpoint(split)
     refiner_keys = [k for k in a if k.startswith("refiner.")]
