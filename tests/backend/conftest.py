@@ -3,6 +3,7 @@ array), and the bundled model when it is present."""
 
 from __future__ import annotations
 
+import signal
 import warnings
 from pathlib import Path
 from typing import Callable
@@ -18,6 +19,11 @@ SAMPLE_RASTER = REPO_ROOT / "resources" / "sample" / "dubai_sample.tif"
 SAMPLE_LABELS = REPO_ROOT / "resources" / "sample" / "dubai_sample_labels.tif"
 SHARED_DATA = REPO_ROOT.parent / "shared" / "datasets"
 KEEP = object()  # "same as the source" for the raster factory
+
+# A suite started in the background (`make test &`) inherits SIGINT ignored, and so would every run that the
+# tests start, so Ctrl-C tests would wait in vain. A handler set here becomes the default in each child.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
