@@ -34,8 +34,8 @@ m() { python3 -c "print(round($1 * $SCALE, 2))"; }
 DEVICE=${IDGBR_DEVICE:-cpu}
 if [ "$DEVICE" = cpu ]; then EXTRA=(--threads 1 --batch 8); else EXTRA=(--batch 32); fi
 coarse() { "$PY" -m idgbr.train coarse --data "$DATA" --device "$DEVICE" --epochs 1000 "${EXTRA[@]}" "$@"; }
-refiner() {
-  local name=$1; shift
+refiner() {  # refiner NAME ITERATIONS ARGS...: ITERATIONS is the model's schedule unless ITERATIONS is set
+  local name=$1 iterations=$2; shift 2
   local resume=()
   if [ "${RESUME:-0}" = 1 ]; then resume=(--resume --warm-start "$MODELS/$name.safetensors"); fi
   "$PY" -m idgbr.train refiner --data "$DATA" --device "$DEVICE" --iterations "${ITERATIONS:-$iterations}" \
@@ -74,7 +74,7 @@ for name in $REFINERS; do
                       --coarse-source $RUNS/dubai5_coarse.safetensors --accra "$ACCRA" --dubai-share 0.6) ;;
     *) echo "REFINERS: unknown model $name (dubai5, roads2, buildings2)" >&2; exit 2 ;;
   esac
-  refiner "$name" "${args[@]}" -o $RUNS/${name}_refiner.safetensors > $RUNS/${name}_refiner.log 2>&1 &
+  refiner "$name" "$iterations" "${args[@]}" -o $RUNS/${name}_refiner.safetensors > $RUNS/${name}_refiner.log 2>&1 &
 done
 wait
 for name in $REFINERS; do
